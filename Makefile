@@ -1,0 +1,26 @@
+# Everything installs into .venv with pip (the torch pair is pinned; see pyproject.toml).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-slow fuzz clean
+
+$(BIN)/fl-sparse: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/fl-sparse
+
+install: $(BIN)/fl-sparse
+
+demo: install
+	cd $(CURDIR) && HF_HUB_OFFLINE=1 $(BIN)/fl-sparse run pffdst --rounds 6 --bind 'TwoStage.readjust_every=1'
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) mlflow.db mlruns .pytest_cache .hypothesis

@@ -1,0 +1,115 @@
+"""``fl-sparse``: run an algorithm, or list the parts an algorithm can be composed of."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fl_sparse.errors import FlSparseError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-sparse", description="Sparse federated learning, composed in gin.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run ALGO (a name from algorithms/ or a .gin path) with presets")
+    run.add_argument("algorithm")
+    run.add_argument("presets", nargs="*", help="presets from registry/ (e.g. cifar10_lenet) or .gin paths")
+    run.add_argument("--bind", action="append", default=[], metavar="NAME.PARAM=VALUE", help="extra gin binding")
+    run.add_argument("--rounds", type=int, help="total communication rounds (the ROUNDS macro)")
+    run.add_argument("--sparsity", type=float, help="target sparsity s (the SPARSITY macro)")
+    run.add_argument("--data-dir", help="directory holding cifar-10-batches-py / cifar-100-python "
+                                        "(default: the embedded CIFAR-10 subset)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (auto picks CUDA if present)")
+    run.add_argument("--seed", type=int, help="seed of partition, model init, sampling and training")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    run.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    commands.add_parser("list", help="list every registered part grouped by interface")
+    return parser
+
+
+def _bindings(args: argparse.Namespace) -> list[str]:
+    bindings = []
+    if args.rounds is not None:
+        bindings.append(f"ROUNDS = {args.rounds}")
+    if args.sparsity is not None:
+        bindings.append(f"SPARSITY = {args.sparsity}")
+    if args.data_dir is not None:
+        bindings.append(f"DATA_DIR = {args.data_dir!r}")
+    if args.device is not None:
+        bindings.append(f"Experiment.device = {args.device!r}")
+    if args.seed is not None:
+        bindings.append(f"Experiment.seed = {args.seed}")
+    return bindings + args.bind
+
+
+def _run(args: argparse.Namespace) -> int:
+    import gin
+
+    from fl_sparse import configs
+    from fl_sparse.engine import Simulation
+    from fl_sparse.experiment import Experiment
+    from fl_sparse.errors import ConfigError
+    from fl_sparse.tracking import MlflowTracker, ProgressBar, tracking_uri
+
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: give at least 1 round")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise ConfigError(f"--data-dir {args.data_dir}: no such directory")
+    configs.parse(args.algorithm, args.presets, _bindings(args))
+    experiment = Experiment()  # validates every binding before anything is loaded or logged
+    simulation = Simulation(experiment)
+    print(f"data: {simulation.data.source}; {experiment.num_clients} clients, "
+          f"{experiment.clients_per_round} per round, device {simulation.device}", file=sys.stderr)
+
+    callbacks, tracker = [], None
+    if not args.no_tracking:
+        uri = tracking_uri(args.tracking_uri)
+        name = os.path.splitext(os.path.basename(args.algorithm))[0]
+        tracker = MlflowTracker(uri, args.experiment_name, name)
+        tracker.log_config(configs.bindings_as_params(), gin.config_str(),
+                           {"algorithm": name, "presets": ",".join(args.presets), "data": simulation.data.source})
+        callbacks.append(tracker)
+    bar = ProgressBar(experiment.rounds)
+    callbacks.append(bar)
+    try:
+        state = simulation.run(callbacks=callbacks)
+    except BaseException:
+        bar.close()
+        if tracker:
+            tracker.finish(gin.operative_config_str(), status="FAILED")
+        raise
+    bar.close()
+    print(f"finished {state.round} rounds: {state.cumulative_bytes / 1e9:.4f} GB communicated")
+    if tracker:
+        tracker.finish(gin.operative_config_str())
+        print(tracker.how_to_open(uri))
+    return 0
+
+
+def _list() -> int:
+    from fl_sparse.configs import ALGORITHMS, REGISTRY, available, registered_parts
+
+    for interface, parts in registered_parts().items():
+        print(f"{interface}:")
+        for part in parts:
+            print(f"  {part}")
+    print(f"algorithms: {', '.join(available(ALGORITHMS))}")
+    print(f"presets: {', '.join(available(REGISTRY))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args) if args.command == "run" else _list()
+    except FlSparseError as error:
+        from fl_sparse.configs import first_line
+
+        print(f"fl-sparse: error: {first_line(error)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

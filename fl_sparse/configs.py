@@ -1,0 +1,115 @@
+"""Finding and parsing gin files: algorithms by short name or path, presets, command-line bindings."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import gin
+
+from fl_sparse.errors import ConfigError
+
+_PACKAGE = Path(__file__).resolve().parent
+# In a wheel the gin files ship inside the package; in a source checkout they sit beside it.
+GIN_ROOT = _PACKAGE / "_gin" if (_PACKAGE / "_gin").is_dir() else _PACKAGE.parent
+ALGORITHMS = GIN_ROOT / "algorithms"
+REGISTRY = GIN_ROOT / "registry"
+DEFAULTS = REGISTRY / "defaults.gin"
+
+
+def available(folder: Path) -> list[str]:
+    return sorted(path.stem for path in folder.glob("*.gin") if path.name != "defaults.gin")
+
+
+def resolve(name: str, folder: Path, kind: str) -> Path:
+    """A gin file given by short name (``pffdst``), file name or path."""
+    path = Path(name)
+    if path.suffix == ".gin" and path.is_file():
+        return path.resolve()
+    candidate = folder / (path.name if path.suffix == ".gin" else f"{name}.gin")
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"unknown {kind} {name!r}: choose one of {', '.join(available(folder))} or give a .gin path")
+
+
+def parse(algorithm: str, presets: list[str], bindings: list[str]) -> list[Path]:
+    """Clear gin and load defaults, then presets, then the algorithm, then bindings (last wins)."""
+    import fl_sparse.experiment  # noqa: F401  (registers every configurable before parsing)
+
+    files = [DEFAULTS] + [resolve(p, REGISTRY, "preset") for p in presets] + [resolve(algorithm, ALGORITHMS, "algorithm")]
+    gin.clear_config()
+    for folder in (ALGORITHMS, REGISTRY):
+        gin.add_config_file_search_path(str(folder))
+    quiet = _DropGinPathProbes()
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
+    except (ValueError, KeyError, SyntaxError, IOError) as error:
+        raise ConfigError(f"bad gin configuration: {first_line(error)}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    return files
+
+
+class _DropGinPathProbes(logging.Filter):
+    """gin logs an error for each search-path probe of an ``include`` before it finds the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found:")
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().strip('"').splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def bindings_as_params() -> dict[str, str]:
+    """Every gin binding in force, as flat ``Configurable.param`` -> value strings (MLflow params)."""
+    params = {}
+    for (scope, selector), values in gin.config._CONFIG.items():  # gin has no public iterator for this
+        prefix = f"{scope}/{selector}" if scope else selector
+        for param, value in values.items():
+            params[f"{prefix.split('.')[-1]}.{param}"] = str(value)[:500]
+    return params
+
+
+def registered_parts() -> dict[str, list[str]]:
+    """Every gin-registered part, grouped by the interface it implements, with its parameters."""
+    import fl_sparse.experiment  # noqa: F401
+    from fl_sparse import interfaces
+    from fl_sparse.sparse.budgets import DensityBudget
+
+    groups = {}
+    for base in (interfaces.Aggregator, interfaces.MaskPolicy, interfaces.FreezePolicy, interfaces.CommCodec,
+                 interfaces.LocalObjective, interfaces.ClientOptimizer, interfaces.ClientExecutor,
+                 interfaces.SparsitySchedule, DensityBudget):
+        lines = []
+        for cls in sorted(_subclasses(base), key=lambda c: c.__name__):
+            if gin.config._REGISTRY.get_match(cls.__name__) is None:
+                continue
+            lines.append(f"{cls.__name__}({_signature(cls)})")
+        groups[base.__name__] = lines
+    return groups
+
+
+def _subclasses(cls: type) -> set[type]:
+    found = set()
+    for sub in cls.__subclasses__():
+        found.add(sub)
+        found |= _subclasses(sub)
+    return found
+
+
+def _signature(cls: type) -> str:
+    init = getattr(cls.__init__, "__wrapped__", cls.__init__)
+    parts = []
+    for param in list(inspect.signature(init).parameters.values())[1:]:
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        default = param.default
+        if default is inspect.Parameter.empty or default is gin.REQUIRED:
+            parts.append(f"{param.name}=<required>")
+        else:
+            parts.append(f"{param.name}={default!r}")
+    return ", ".join(parts)

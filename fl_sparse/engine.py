@@ -1,0 +1,143 @@
+"""The round loop. It knows no algorithm: every decision is a call into a part (see interfaces.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+
+from fl_sparse import accounting
+from fl_sparse.experiment import Experiment
+from fl_sparse.interfaces import ClientResult, Link, Message, RoundContext, Tensors
+from fl_sparse.training import ClientTask, TrainingJob, evaluate, generator
+
+
+@dataclasses.dataclass
+class ServerState:
+    """Everything that changes from round to round (and what a checkpoint holds)."""
+
+    weights: Tensors
+    mask: Tensors
+    frozen: Tensors
+    round: int = 0  # last completed round
+    freeze_version: int = 0
+    cumulative_bytes: int = 0
+    cumulative_flops: float = 0.0
+
+
+@dataclasses.dataclass
+class RoundEvent:
+    """What the engine reports after each round to its callbacks (progress bar, MLflow, ...)."""
+
+    round: int
+    metrics: dict[str, float]
+    state: ServerState
+    evaluated: bool
+
+
+Callback = Callable[[RoundEvent], None]
+
+
+class Simulation:
+    """A built experiment: data loaded, model made, parts set up. ``run`` plays its rounds."""
+
+    def __init__(self, experiment: Experiment):
+        self.experiment = exp = experiment
+        self.device = exp.torch_device
+        self.data = exp.dataset.load(exp.num_clients, exp.dirichlet_alpha, exp.data_seed).to(self.device)
+        torch.manual_seed(int(generator(exp.seed, "init").initial_seed()))
+        self.model = exp.model(self.data.num_classes).to(self.device)
+        exp.mask_policy.setup(self.model, exp.schedule)
+        self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
+        self.job = TrainingJob(self.model, self.data, exp.objective, exp.optimizer, exp.mask_policy,
+                               exp.local_epochs, exp.batch_size)
+
+    def initial_state(self) -> ServerState:
+        weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        mask = self.experiment.mask_policy.initial_mask(weights, generator(self.experiment.seed, "mask", 0))
+        weights = {name: (torch.where(mask[name], w, torch.zeros_like(w)) if name in mask else w)
+                   for name, w in weights.items()}
+        return ServerState(weights, mask, {})
+
+    def sample_clients(self, round: int) -> list[int]:
+        exp = self.experiment
+        order = torch.randperm(exp.num_clients, generator=generator(exp.seed, "sampling", round))
+        return sorted(order[:exp.clients_per_round].tolist())
+
+    def _link(self, state: ServerState, direction: str, client: int) -> Link:
+        return Link(direction, client, state.frozen, state.weights, state.freeze_version)
+
+    def play_round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
+        exp, r = self.experiment, state.round + 1
+        ctx = RoundContext(exp.schedule.phase(r), generator(exp.seed, "mask", r))
+        clients = self.sample_clients(r)
+        started = time.perf_counter()
+
+        tasks, down_bytes = [], 0
+        for client in clients:
+            link = self._link(state, "down", client)
+            payload = exp.downlink_codec.encode(Message(state.weights, state.mask), link)
+            down_bytes += len(payload)
+            received = exp.downlink_codec.decode(payload, link)
+            tasks.append(ClientTask(client, received.tensors, received.masks, state.frozen,
+                                    self.data.client_train[client], exp.seed, r))
+        results = exp.executor.train(self.job, tasks, ctx)
+
+        uploads, up_bytes = [], 0
+        for result in results:
+            link = self._link(state, "up", result.client_id)
+            payload = exp.uplink_codec.encode(Message(result.weights, result.mask), link)
+            up_bytes += len(payload)
+            received = exp.uplink_codec.decode(payload, link)
+            uploads.append(dataclasses.replace(result, weights=received.tensors, mask=received.masks))
+
+        flops = sum(accounting.training_flops(self.macs, task.mask, task.frozen, len(task.indices) * exp.local_epochs)
+                    for task in tasks)
+        weights, mask = exp.aggregator.aggregate(state.weights, state.mask, state.frozen, uploads)
+        frozen = exp.freeze_policy.server_step(ctx, weights, mask, state.frozen)
+        freeze_version = state.freeze_version + (frozen is not state.frozen)
+        weights, mask = exp.mask_policy.server_step(ctx, weights, mask, frozen)
+
+        new_state = ServerState(weights, mask, frozen, r, freeze_version,
+                                state.cumulative_bytes + up_bytes + down_bytes, state.cumulative_flops + flops)
+        metrics = {
+            "train_loss": _weighted_loss(results),
+            "uplink_bytes": float(up_bytes), "downlink_bytes": float(down_bytes),
+            "uplink_bytes_per_client": up_bytes / len(clients),
+            "downlink_bytes_per_client": down_bytes / len(clients),
+            "cumulative_gb": new_state.cumulative_bytes / 1e9,
+            "flops": flops, "cumulative_flops": new_state.cumulative_flops,
+            "stage": float(ctx.phase.stage), "round_seconds": time.perf_counter() - started,
+            **_density_metrics(mask, frozen),
+        }
+        return new_state, metrics
+
+    def run(self, state: ServerState | None = None, callbacks: list[Callback] = ()) -> ServerState:
+        exp = self.experiment
+        state = state or self.initial_state()
+        while state.round < exp.rounds:
+            state, metrics = self.play_round(state)
+            evaluated = state.round % exp.eval_every == 0 or state.round == exp.rounds
+            if evaluated:
+                metrics.update(evaluate(self.model, state.weights, self.data))
+            for callback in callbacks:
+                callback(RoundEvent(state.round, metrics, state, evaluated))
+        return state
+
+
+def _weighted_loss(results: list[ClientResult]) -> float:
+    total = sum(r.num_samples for r in results)
+    return sum(r.train_loss * r.num_samples for r in results) / total if total else float("nan")
+
+
+def _density_metrics(mask: Tensors, frozen: Tensors) -> dict[str, float]:
+    """Global and per-layer density of the masked tensors, and the fraction of them frozen."""
+    if not mask:
+        return {"density": 1.0, "frozen_fraction": 0.0}
+    total = sum(m.numel() for m in mask.values())
+    metrics = {f"density/{name}": float(m.float().mean()) for name, m in mask.items()}
+    metrics["density"] = sum(int(m.sum()) for m in mask.values()) / total
+    metrics["frozen_fraction"] = sum(int(f.sum()) for f in frozen.values()) / total
+    return metrics

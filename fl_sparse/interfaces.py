@@ -1,0 +1,194 @@
+"""The parts every fl_sparse algorithm is composed of.
+
+Read this file first. An algorithm is a gin file that picks one concrete part for each interface below
+(see ``algorithms/pffdst.gin``); the engine (:mod:`fl_sparse.engine`) calls the hooks in this order
+every round ``r`` (1-based, as in the paper):
+
+    1. sample clients                        (seeded by round, never by algorithm)
+    2. CommCodec.encode / decode             downlink: global weights + mask -> bytes -> client
+    3. ClientExecutor.train                  each client: LocalObjective + ClientOptimizer for E epochs
+                                             under ``trainable = mask & ~frozen``, then MaskPolicy.client_step
+    4. CommCodec.encode / decode             uplink: client weights + client mask -> bytes -> server
+    5. Aggregator.aggregate                  client results -> new global weights and union mask
+    6. FreezePolicy.server_step              may freeze weights when a stage ends
+    7. MaskPolicy.server_step                may prune / grow the global mask
+
+State is plain data: ``weights`` maps every parameter and buffer name to a tensor, ``mask`` maps each
+maskable tensor (every conv/linear ``weight``) to a bool tensor of the same shape (absent = dense), and
+``frozen`` is a bool tensor per masked name, always a subset of ``mask``. Parts are pure where they can
+be: they take state and return new state, and draw randomness only from the generator they are given.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Callable, Mapping
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """What the sparsity schedule says about one round (1-based ``round``)."""
+
+    round: int
+    stage: int  # 0-based stage index; single-stage schedules are always 0
+    sparsity: float  # target sparsity s of this stage (fraction of maskable weights that are zero)
+    differential: float  # differential sparsity f: between readjustments the density is 1 - s + f
+    readjust: bool  # the mask is readjusted after this round's aggregation
+    finalize: bool  # the mask is pruned to s after this round and fixed for the rest of the stage
+    stage_ends: bool  # this is the last round of a stage that is followed by another one
+    progress: float  # round / readjust_until within the stage, for decaying readjustment ratios
+
+
+class SparsitySchedule(abc.ABC):
+    """Maps a round index to a :class:`Phase`. Shared by the mask and freeze policies; never touches tensors."""
+
+    @abc.abstractmethod
+    def phase(self, round: int) -> Phase: ...
+
+    def initial_sparsity(self) -> float:
+        """Sparsity of the freshly initialised model (``s1 - f1`` for SMR)."""
+        first = self.phase(1)
+        return first.sparsity - first.differential
+
+    def next_stage_sparsity(self, round: int) -> float:
+        """Sparsity to grow to when the stage ending at ``round`` hands over to the next one."""
+        nxt = self.phase(round + 1)
+        return nxt.sparsity - nxt.differential
+
+
+@dataclasses.dataclass
+class RoundContext:
+    """Everything a hook may want to know about the round it runs in."""
+
+    phase: Phase
+    generator: torch.Generator  # seeded by (seed, stream, round): resuming at round r redraws the same
+
+
+@dataclasses.dataclass
+class ClientResult:
+    """What a client hands back after local training (before uplink encoding)."""
+
+    client_id: int
+    weights: Tensors
+    mask: Tensors  # the client's mask after MaskPolicy.client_step (may differ from the global one)
+    num_samples: int
+    train_loss: float
+
+
+class MaskPolicy(abc.ABC):
+    """Owns the sparse mask: when it changes and to what target.
+
+    The arithmetic (exact top-k, random growth, budgets) lives in :mod:`fl_sparse.sparse.mask_ops`;
+    a policy only decides *when* and *to what target* and supplies the scores.
+    """
+
+    def setup(self, model: torch.nn.Module, schedule: SparsitySchedule) -> None:
+        """Called once before anything else with the model skeleton and the run's schedule."""
+
+    @abc.abstractmethod
+    def initial_mask(self, weights: Tensors, generator: torch.Generator) -> Tensors:
+        """Called once before round 1; returns a bool mask per maskable tensor ({} = dense model)."""
+
+    def client_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors, frozen: Tensors,
+                    gradients: Callable[[], Tensors]) -> tuple[Tensors, Tensors]:
+        """Called on each client after local training. ``gradients()`` lazily computes dense gradients
+        of the local loss. May return a changed (weights, mask); the default changes nothing."""
+        return weights, mask
+
+    def server_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors,
+                    frozen: Tensors) -> tuple[Tensors, Tensors]:
+        """Called on the server after aggregation and after FreezePolicy.server_step. May prune or
+        grow the mask but never touches frozen weights. Weights outside the returned mask must be 0."""
+        return weights, mask
+
+
+class FreezePolicy(abc.ABC):
+    """Decides which non-zero weights are frozen: neither trained nor transmitted again."""
+
+    @abc.abstractmethod
+    def server_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors, frozen: Tensors) -> Tensors:
+        """Called on the server after aggregation; returns the new frozen set (a subset of ``mask``)."""
+
+
+class Aggregator(abc.ABC):
+    """Turns a round's client results into new global weights and the union of the client masks."""
+
+    @abc.abstractmethod
+    def aggregate(self, weights: Tensors, mask: Tensors, frozen: Tensors,
+                  results: list[ClientResult]) -> tuple[Tensors, Tensors]:
+        """Called once per round with at least one result. Frozen coordinates must come back bitwise
+        unchanged. Returns (new weights, new mask)."""
+
+    def state_dict(self) -> Tensors:
+        """Server-side optimiser state, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class Message:
+    """What crosses the network: full-shape tensors, and for masked tensors the coordinates sent."""
+
+    tensors: Tensors
+    masks: Tensors  # bool, same shape as tensors[name]; a name absent here is sent dense
+
+
+@dataclasses.dataclass
+class Link:
+    """Who is talking, and what both ends already know (the frozen part, once it was delivered)."""
+
+    direction: str  # "down" (server -> client) or "up" (client -> server)
+    client_id: int
+    frozen: Tensors  # bool per masked name, the global frozen set ({} when nothing is frozen)
+    frozen_values: Tensors  # the global weights, from which a receiver restores frozen coordinates
+    freeze_version: int  # increases each time the frozen set changes; 0 = nothing frozen
+
+
+class CommCodec(abc.ABC):
+    """Turns a :class:`Message` into bytes and back. The only place that knows about bytes:
+    the engine counts ``len(encode(...))`` and nothing else. Decoding validates its input and
+    raises :class:`fl_sparse.errors.PayloadError` on anything malformed."""
+
+    @abc.abstractmethod
+    def encode(self, message: Message, link: Link) -> bytes: ...
+
+    @abc.abstractmethod
+    def decode(self, payload: bytes, link: Link) -> Message: ...
+
+
+class LocalObjective(abc.ABC):
+    """The client's training loss."""
+
+    @abc.abstractmethod
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, params: Tensors,
+             global_params: Tensors) -> torch.Tensor:
+        """Mean loss of one batch. ``params`` are the client's current parameters, ``global_params``
+        the ones it received this round (for proximal terms). Must be a pure torch function."""
+
+
+class ClientOptimizer(abc.ABC):
+    """A functional optimiser: state in, state out, so clients can be stacked and vectorised."""
+
+    @abc.abstractmethod
+    def init(self, params: Tensors) -> Tensors: ...
+
+    @abc.abstractmethod
+    def step(self, params: Tensors, grads: Tensors, state: Tensors,
+             trainable: Tensors) -> tuple[Tensors, Tensors]:
+        """One update. Coordinates where ``trainable`` is False come back bitwise unchanged, and so
+        does their optimiser state (masked weights stay exactly zero, frozen weights stay frozen)."""
+
+
+class ClientExecutor(abc.ABC):
+    """Runs local training for a group of sampled clients (sequentially, vectorised, ...)."""
+
+    @abc.abstractmethod
+    def train(self, job: "fl_sparse.training.TrainingJob", tasks: list["fl_sparse.training.ClientTask"],
+              ctx: RoundContext) -> list[ClientResult]: ...

@@ -1,0 +1,16 @@
+"""Client executors: how the sampled clients of a round are trained (never what they compute)."""
+
+from __future__ import annotations
+
+import gin
+
+from fl_sparse.interfaces import ClientExecutor
+from fl_sparse.training import train_client
+
+
+@gin.configurable
+class Sequential(ClientExecutor):
+    """Trains the clients one after another: the reference behaviour and the debugging baseline."""
+
+    def train(self, job, tasks, ctx):
+        return [train_client(job, task, ctx) for task in tasks]

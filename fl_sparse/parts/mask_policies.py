@@ -1,0 +1,135 @@
+"""Mask policies: who changes the sparse mask, when, and to what target.
+
+* :class:`NoMask`        dense training.
+* :class:`RandomMask`    a fixed random mask at the target sparsity.
+* :class:`ClientReadjust` FedDST: clients prune by magnitude and regrow by |gradient| every
+                         ``readjust_every`` rounds; the server re-prunes the union of client masks.
+* :class:`ServerReadjust` PFFDST's SMR: the server prunes to s by magnitude and regrows to s - f at
+                         random; clients never change the mask.
+
+All arithmetic goes through :mod:`fl_sparse.sparse.mask_ops`, which keeps counts exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gin
+import torch
+
+from fl_sparse.errors import check
+from fl_sparse.interfaces import MaskPolicy, RoundContext, SparsitySchedule, Tensors
+from fl_sparse.models import maskable_names
+from fl_sparse.sparse import mask_ops
+from fl_sparse.sparse.budgets import ERK, DensityBudget
+
+
+@gin.configurable
+class NoMask(MaskPolicy):
+    """Dense training: no tensor is masked."""
+
+    def initial_mask(self, weights, generator):
+        return {}
+
+
+class BudgetedMask(MaskPolicy):
+    """Shared machinery: the run's schedule, a per-layer budget and the set of masked tensors."""
+
+    def __init__(self, budget: DensityBudget | None):
+        self.budget = budget or ERK()
+        self.schedule: SparsitySchedule | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def setup(self, model, schedule):
+        params = dict(model.named_parameters())
+        self.shapes = {name: tuple(params[name].shape) for name in maskable_names(model)}
+        self.schedule = schedule
+
+    def counts(self, sparsity: float) -> dict[str, int]:
+        return self.budget.counts(self.shapes, sparsity)
+
+    def initial_mask(self, weights, generator):
+        empty = {name: torch.zeros(shape, dtype=torch.bool, device=weights[name].device)
+                 for name, shape in self.shapes.items()}
+        counts = self.counts(self.schedule.initial_sparsity())
+        return mask_ops.grow_to(weights, empty, counts, mask_ops.random_scores(empty, generator))[1]
+
+    def grow_for_next_stage(self, ctx: RoundContext, weights: Tensors, mask: Tensors) -> tuple[Tensors, Tensors]:
+        """At a stage boundary, grow at random to the next stage's starting density (Algorithm 2)."""
+        if not ctx.phase.stage_ends:
+            return weights, mask
+        counts = self.counts(self.schedule.next_stage_sparsity(ctx.phase.round))
+        return mask_ops.grow_to(weights, mask, counts, mask_ops.random_scores(mask, ctx.generator))
+
+
+@gin.configurable
+class RandomMask(BudgetedMask):
+    """A random mask drawn once at the schedule's initial sparsity and never changed."""
+
+    def __init__(self, budget: DensityBudget | None = None):
+        super().__init__(budget)
+
+
+@gin.configurable
+class ServerReadjust(BudgetedMask):
+    """PFFDST server mask readjustment with differential sparsity (SMR, Algorithm 1).
+
+    The model starts at sparsity s - f. After aggregation in a readjustment round the server keeps the
+    top (1 - s) weights by magnitude (TopkPrune) and grows back to s - f at random (RandomGrow, grown
+    weights start at 0); at ``readjust_until`` it prunes to s and the mask stays fixed. Frozen weights
+    are never pruned.
+    """
+
+    def __init__(self, budget: DensityBudget | None = None):
+        super().__init__(budget)
+
+    def server_step(self, ctx, weights, mask, frozen):
+        phase = ctx.phase
+        if phase.readjust or phase.finalize:
+            weights, mask = mask_ops.prune_to(weights, mask, self.counts(phase.sparsity), frozen)
+        if phase.readjust:
+            grow_counts = self.counts(phase.sparsity - phase.differential)
+            weights, mask = mask_ops.grow_to(weights, mask, grow_counts,
+                                             mask_ops.random_scores(mask, ctx.generator))
+        return self.grow_for_next_stage(ctx, weights, mask)
+
+
+@gin.configurable
+class ClientReadjust(BudgetedMask):
+    """FedDST client mask readjustment (Bibikar et al., AAAI 2022).
+
+    In a readjustment round each sampled client, after local training, prunes a fraction
+    alpha_r = ratio/2 * (1 + cos(pi * r / readjust_until)) of its active, unfrozen weights by magnitude
+    and regrows as many among the inactive ones by largest |gradient| (grown weights start at 0; an
+    active weight is never overwritten). The server then re-prunes the union of the client masks to the
+    target sparsity by magnitude. Unlike the reference code, every sampled client readjusts once per
+    readjustment round with the decayed ratio (the reference gated rounds by the decayed ratio but
+    pruned with the constant one, and only on some clients).
+    """
+
+    def __init__(self, ratio: float = 0.01, budget: DensityBudget | None = None):
+        check(0.0 <= ratio <= 1.0, f"ClientReadjust.ratio={ratio} must lie in [0, 1] (FedDST uses 0.01)")
+        super().__init__(budget)
+        self.ratio = ratio
+
+    def decayed_ratio(self, progress: float) -> float:
+        return self.ratio / 2.0 * (1.0 + math.cos(math.pi * progress))
+
+    def client_step(self, ctx, weights, mask, frozen, gradients):
+        if not ctx.phase.readjust:
+            return weights, mask
+        alpha = self.decayed_ratio(ctx.phase.progress)
+        free = mask_ops.trainable(mask, frozen)
+        drop = {name: round(alpha * int(free[name].sum())) for name in mask}
+        if not any(drop.values()):
+            return weights, mask
+        before = mask_ops.active_counts(mask)
+        keep = {name: before[name] - drop[name] for name in mask}
+        pruned_weights, pruned_mask = mask_ops.prune_to(weights, mask, keep, frozen)
+        grads = gradients()
+        scores = {name: grads[name].abs() for name in mask}
+        return mask_ops.grow_to(pruned_weights, pruned_mask, before, scores, exclude=mask)
+
+    def server_step(self, ctx, weights, mask, frozen):
+        weights, mask = mask_ops.prune_to(weights, mask, self.counts(ctx.phase.sparsity), frozen)
+        return self.grow_for_next_stage(ctx, weights, mask)

@@ -1,0 +1,362 @@
+"""Low-level byte layout of fl_sparse payloads, format version 1.
+
+The user-facing description (a table of every field) is at the top of :mod:`fl_sparse.parts.codecs`.
+This module writes and reads that layout; it does not decide which encoding a tensor gets, the codecs
+pass that decision in. Everything is little-endian, written with :mod:`struct` and numpy ``tobytes``
+and read back with ``numpy.frombuffer`` on slices of the payload (zero-copy until the final tensor).
+
+Decoding trusts nothing: every length is checked against the bytes that are left *before* anything
+is allocated, and every inconsistency raises :class:`PayloadError` with one line naming the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import struct
+from typing import Callable, Collection
+
+import numpy as np
+import torch
+
+from fl_sparse.errors import PayloadError
+from fl_sparse.interfaces import Message
+
+MAGIC = b"FLSP"
+FORMAT_VERSION = 1
+CONTAINER_HEADER = struct.Struct("<4sBBI")  # magic, format version, codec id, number of tensors
+NAME_LENGTH = struct.Struct("<H")
+TENSOR_CODES = struct.Struct("<BBB")  # dtype code, wire dtype code, ndim
+ENCODING_CODE = struct.Struct("<B")
+VALUE_COUNT = struct.Struct("<Q")
+DIM_DTYPE = np.dtype("<u4")
+INDEX_DTYPE = np.dtype("<u4")
+INDEX_LIMIT = 2**32  # uint32 indices address at most this many elements
+# FreezeAware framing: magic, version, codec id, flags, freeze version, main section length.
+FREEZE_HEADER = struct.Struct("<4sBBBIQ")
+FREEZE_FLAG_FROZEN_PART = 0x01
+SECTION_LENGTH = struct.Struct("<Q")
+
+CODEC_NAMES = {1: "DenseF32", 2: "SparseBitmask", 3: "SparseIndices", 4: "AutoSparse", 5: "FreezeAware"}
+FREEZE_AWARE_CODEC_ID = 5
+
+
+class Encoding(enum.IntEnum):
+    """How one tensor's values are laid out (the per-tensor encoding code)."""
+
+    DENSE = 0  # unmasked tensor: all values
+    BITMASK = 1  # value count + packed mask + values of the masked coordinates
+    INDICES = 2  # value count + uint32 flat indices + values of the masked coordinates
+    DENSE_BITMASK = 3  # packed mask + all values (zero outside the mask)
+
+
+ENCODING_CODES = frozenset(int(e) for e in Encoding)
+
+
+@dataclasses.dataclass(frozen=True)
+class WireDtype:
+    code: int
+    torch_dtype: torch.dtype
+    numpy_dtype: np.dtype  # little-endian numpy type with the same bits (bfloat16 rides as int16)
+
+    @property
+    def name(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    @property
+    def itemsize(self) -> int:
+        return self.numpy_dtype.itemsize
+
+
+DTYPES = (
+    WireDtype(0, torch.float32, np.dtype("<f4")),
+    WireDtype(1, torch.float16, np.dtype("<f2")),
+    WireDtype(2, torch.bfloat16, np.dtype("<i2")),
+    WireDtype(3, torch.int64, np.dtype("<i8")),
+    WireDtype(4, torch.int32, np.dtype("<i4")),
+    WireDtype(5, torch.bool, np.dtype("u1")),  # one byte, 0 or 1 (checked on decode)
+    WireDtype(6, torch.float64, np.dtype("<f8")),
+    WireDtype(7, torch.int16, np.dtype("<i2")),
+    WireDtype(8, torch.int8, np.dtype("i1")),
+    WireDtype(9, torch.uint8, np.dtype("u1")),
+)
+DTYPE_BY_CODE = {d.code: d for d in DTYPES}
+DTYPE_BY_TORCH = {d.torch_dtype: d for d in DTYPES}
+FLOAT_WIRE_DTYPES = {d.name: d for d in DTYPES if d.torch_dtype in (torch.float32, torch.float16, torch.bfloat16)}
+
+# Chooses the encoding of a masked tensor from (numel, number of masked values, wire itemsize).
+EncodingChooser = Callable[[int, int, int], Encoding]
+
+
+def wire_dtype_for(dtype: torch.dtype, float_wire: WireDtype) -> WireDtype:
+    """Floating tensors travel as the codec's float type; everything else as its own dtype."""
+    if dtype not in DTYPE_BY_TORCH:
+        raise ValueError(f"cannot transmit tensors of dtype {dtype}; supported: "
+                         f"{', '.join(d.name for d in DTYPES)}")
+    return float_wire if dtype.is_floating_point else DTYPE_BY_TORCH[dtype]
+
+
+def record_header_size(name_bytes: int, ndim: int) -> int:
+    return NAME_LENGTH.size + name_bytes + TENSOR_CODES.size + DIM_DTYPE.itemsize * ndim + ENCODING_CODE.size
+
+
+def body_size(encoding: Encoding, numel: int, count: int, itemsize: int) -> int:
+    """Closed-form size of one tensor's body; ``count`` is the number of masked coordinates."""
+    packed_mask = (numel + 7) // 8
+    if encoding == Encoding.DENSE:
+        return numel * itemsize
+    if encoding == Encoding.BITMASK:
+        return VALUE_COUNT.size + packed_mask + count * itemsize
+    if encoding == Encoding.INDICES:
+        return VALUE_COUNT.size + count * (INDEX_DTYPE.itemsize + itemsize)
+    return packed_mask + numel * itemsize
+
+
+def message_size(message: Message, float_wire: WireDtype, choose: EncodingChooser) -> int:
+    """Exact payload size from names, shapes and mask popcounts, without encoding anything."""
+    total = CONTAINER_HEADER.size
+    for name, tensor in message.tensors.items():
+        wire = wire_dtype_for(tensor.dtype, float_wire)
+        numel = tensor.numel()
+        total += record_header_size(len(name.encode("utf-8")), tensor.dim())
+        mask = message.masks.get(name)
+        if mask is None:
+            total += body_size(Encoding.DENSE, numel, numel, wire.itemsize)
+        else:
+            count = int(np.count_nonzero(mask.detach().cpu().numpy()))
+            total += body_size(choose(numel, count, wire.itemsize), numel, count, wire.itemsize)
+    return total
+
+
+# ----------------------------------------------------------------------------------------- encoding
+
+def _to_wire_numpy(values: torch.Tensor, wire: WireDtype) -> np.ndarray:
+    values = values.to(wire.torch_dtype)
+    if wire.torch_dtype == torch.bfloat16:
+        values = values.view(torch.int16)  # numpy has no bfloat16; the bits travel unchanged
+    elif wire.torch_dtype == torch.bool:
+        values = values.to(torch.uint8)
+    return values.numpy().astype(wire.numpy_dtype, copy=False)
+
+
+def encode_message(message: Message, codec_id: int, float_wire: WireDtype, choose: EncodingChooser) -> bytes:
+    unknown = set(message.masks) - set(message.tensors)
+    if unknown:
+        raise ValueError(f"message has masks for tensors it does not carry: {sorted(unknown)}")
+    parts = [CONTAINER_HEADER.pack(MAGIC, FORMAT_VERSION, codec_id, len(message.tensors))]
+    for name, tensor in message.tensors.items():
+        _encode_tensor(parts, name, tensor, message.masks.get(name), float_wire, choose)
+    return b"".join(parts)
+
+
+def _encode_tensor(parts: list[bytes], name: str, tensor: torch.Tensor, mask: torch.Tensor | None,
+                   float_wire: WireDtype, choose: EncodingChooser) -> None:
+    name_bytes = name.encode("utf-8")
+    if len(name_bytes) > 0xFFFF or tensor.dim() > 255 or any(d >= 2**32 for d in tensor.shape):
+        raise ValueError(f"tensor {name!r}: name longer than 65535 bytes, more than 255 dims or a dim >= 2**32")
+    dtype, wire = DTYPE_BY_TORCH.get(tensor.dtype), wire_dtype_for(tensor.dtype, float_wire)
+    flat = tensor.detach().reshape(-1).cpu()
+    numel = flat.numel()
+    if mask is None:
+        encoding, body = Encoding.DENSE, [_to_wire_numpy(flat, wire).tobytes()]
+    else:
+        if mask.dtype != torch.bool or mask.shape != tensor.shape:
+            raise ValueError(f"tensor {name!r}: mask must be bool of shape {tuple(tensor.shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        # numpy rather than torch for selection: torch boolean indexing on CPU is ~10x slower here.
+        mask_np = mask.detach().reshape(-1).cpu().numpy()
+        selected = np.flatnonzero(mask_np)
+        count = selected.size
+        encoding = choose(numel, count, wire.itemsize)
+        if encoding == Encoding.INDICES and numel > INDEX_LIMIT:
+            raise ValueError(f"tensor {name!r} has {numel} elements, too many for uint32 indices")
+        if encoding == Encoding.DENSE_BITMASK:
+            # +0.0 outside the mask, so every codec decodes to the same tensor.
+            dense = flat.masked_fill(~torch.from_numpy(mask_np), 0)
+            body = [np.packbits(mask_np, bitorder="little").tobytes(), _to_wire_numpy(dense, wire).tobytes()]
+        else:
+            locator = (np.packbits(mask_np, bitorder="little") if encoding == Encoding.BITMASK
+                       else selected.astype(INDEX_DTYPE))
+            values = _to_wire_numpy(flat, wire)[selected]
+            body = [VALUE_COUNT.pack(count), locator.tobytes(), values.tobytes()]
+    parts += [NAME_LENGTH.pack(len(name_bytes)), name_bytes,
+              TENSOR_CODES.pack(dtype.code, wire.code, tensor.dim()),
+              np.asarray(tensor.shape, dtype=DIM_DTYPE).tobytes(), ENCODING_CODE.pack(encoding), *body]
+
+
+# ----------------------------------------------------------------------------------------- decoding
+
+class Reader:
+    """A cursor over the payload that refuses to read past its end."""
+
+    def __init__(self, payload: bytes):
+        try:
+            self._view = memoryview(payload).cast("B")
+        except TypeError:
+            raise PayloadError(f"payload must be bytes, got {type(payload).__name__}") from None
+        self._pos = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._view) - self._pos
+
+    def take(self, size: int, what: str) -> memoryview:
+        if size > self.remaining:
+            raise PayloadError(f"payload truncated: {what} needs {size} bytes, {self.remaining} left")
+        chunk = self._view[self._pos:self._pos + size]
+        self._pos += size
+        return chunk
+
+    def unpack(self, layout: struct.Struct, what: str) -> tuple:
+        return layout.unpack(self.take(layout.size, what))
+
+    def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(count * dtype.itemsize, what), dtype=dtype)
+
+    def expect_end(self) -> None:
+        if self.remaining:
+            raise PayloadError(f"payload has {self.remaining} trailing bytes after its last section")
+
+
+def check_container(magic: bytes, version: int, codec_id: int, expected_codec_id: int, codec_name: str) -> None:
+    if magic != MAGIC:
+        raise PayloadError(f"not an fl_sparse payload: magic {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise PayloadError(f"unsupported payload format version {version}; this build reads {FORMAT_VERSION}")
+    if codec_id != expected_codec_id:
+        writer = CODEC_NAMES.get(codec_id)
+        if writer is None:
+            raise PayloadError(f"unknown codec id {codec_id}")
+        raise PayloadError(f"payload was written by {writer} (codec id {codec_id}) but is decoded by {codec_name}")
+
+
+def decode_message(payload: bytes, codec_id: int, float_wire: WireDtype,
+                   masked_encodings: Collection[Encoding], max_elements: int) -> Message:
+    reader = Reader(payload)
+    magic, version, found_codec, tensor_count = reader.unpack(CONTAINER_HEADER, "header")
+    check_container(magic, version, found_codec, codec_id, CODEC_NAMES[codec_id])
+    tensors, masks = {}, {}
+    for index in range(tensor_count):  # no preallocation: a lying count just runs out of bytes
+        name, tensor, mask = _decode_tensor(reader, index, tensors, float_wire, masked_encodings, max_elements)
+        tensors[name] = tensor
+        if mask is not None:
+            masks[name] = mask
+    reader.expect_end()
+    return Message(tensors=tensors, masks=masks)
+
+
+def _decode_tensor(reader: Reader, index: int, seen: dict, float_wire: WireDtype,
+                   masked_encodings: Collection[Encoding], max_elements: int):
+    (name_length,) = reader.unpack(NAME_LENGTH, f"tensor #{index} name length")
+    try:
+        name = bytes(reader.take(name_length, f"tensor #{index} name")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError(f"tensor #{index}: name is not valid UTF-8") from None
+    if name in seen:
+        raise PayloadError(f"duplicate tensor name {name!r}")
+    label = f"tensor {name!r}"
+    dtype_code, wire_code, ndim = reader.unpack(TENSOR_CODES, f"{label} dtype codes and ndim")
+    dtype, wire = DTYPE_BY_CODE.get(dtype_code), DTYPE_BY_CODE.get(wire_code)
+    if dtype is None or wire is None:
+        raise PayloadError(f"{label}: unknown dtype code {dtype_code if dtype is None else wire_code}")
+    expected_wire = wire_dtype_for(dtype.torch_dtype, float_wire)
+    if wire is not expected_wire:
+        raise PayloadError(f"{label}: {dtype.name} values travel as {wire.name}, this codec sends them "
+                           f"as {expected_wire.name}")
+    shape = tuple(int(d) for d in reader.array(DIM_DTYPE, ndim, f"{label} dims"))
+    numel = math.prod(shape)  # a Python int: an absurd header cannot overflow
+    # Zero-size dims do not excuse huge others: torch could not even compute the strides.
+    if math.prod(max(d, 1) for d in shape) > max_elements:
+        raise PayloadError(f"{label}: header claims shape {shape}, more than max_elements={max_elements} elements")
+    (encoding_code,) = reader.unpack(ENCODING_CODE, f"{label} encoding code")
+    if encoding_code not in ENCODING_CODES:
+        raise PayloadError(f"{label}: unknown encoding code {encoding_code}")
+    encoding = Encoding(encoding_code)
+    if encoding != Encoding.DENSE and encoding not in masked_encodings:
+        raise PayloadError(f"{label}: encoding {encoding.name} is not one this codec writes")
+
+    mask = None
+    if encoding == Encoding.DENSE:
+        values = reader.array(wire.numpy_dtype, numel, f"{label} values").copy()
+    elif encoding == Encoding.DENSE_BITMASK:
+        mask = _read_bitmask(reader, numel, label)
+        values = reader.array(wire.numpy_dtype, numel, f"{label} values").copy()
+        bits = values.view(f"u{wire.itemsize}")  # compared as bits, so -0.0 outside the mask is refused
+        if np.count_nonzero(bits) != np.count_nonzero(bits[np.flatnonzero(mask)]):
+            raise PayloadError(f"{label}: non-zero values outside the mask")
+    else:
+        (count,) = reader.unpack(VALUE_COUNT, f"{label} value count")
+        if count > numel:
+            raise PayloadError(f"{label}: {count} values for a tensor of {numel} elements")
+        if encoding == Encoding.BITMASK:
+            mask = _read_bitmask(reader, numel, label)
+            set_bits = int(np.count_nonzero(mask))
+            if set_bits != count:
+                raise PayloadError(f"{label}: bitmask has {set_bits} set bits but the header says {count} values")
+            selector = np.flatnonzero(mask)  # integer scatter is ~3x faster than boolean assignment
+        else:
+            selector = _read_indices(reader, count, numel, label)
+            mask = np.zeros(numel, dtype=bool)
+            mask[selector] = True
+        sent = reader.array(wire.numpy_dtype, count, f"{label} values")
+        values = np.zeros(numel, dtype=wire.numpy_dtype)  # bit pattern 0 = +0.0 outside the mask
+        values[selector] = sent
+    if wire.torch_dtype == torch.bool and values.max(initial=0) > 1:
+        raise PayloadError(f"{label}: bool values other than 0 and 1")
+    tensor = _to_torch(values, wire, dtype).reshape(shape)
+    return name, tensor, None if mask is None else torch.from_numpy(mask).reshape(shape)
+
+
+def _read_bitmask(reader: Reader, numel: int, label: str) -> np.ndarray:
+    packed = reader.array(np.dtype("u1"), (numel + 7) // 8, f"{label} bitmask")
+    if numel % 8 and packed[-1] >> (numel % 8):
+        raise PayloadError(f"{label}: padding bits of the last bitmask byte are set")
+    return np.unpackbits(packed, count=numel, bitorder="little").view(bool)
+
+
+def _read_indices(reader: Reader, count: int, numel: int, label: str) -> np.ndarray:
+    indices = reader.array(INDEX_DTYPE, count, f"{label} indices")
+    if count and int(indices[-1]) >= numel:
+        raise PayloadError(f"{label}: index {int(indices[-1])} out of range for {numel} elements")
+    if count > 1 and not np.all(indices[1:] > indices[:-1]):
+        raise PayloadError(f"{label}: indices are not strictly increasing")
+    return indices.astype(np.intp)
+
+
+def _to_torch(values: np.ndarray, wire: WireDtype, dtype: WireDtype) -> torch.Tensor:
+    native = values.astype(values.dtype.newbyteorder("="), copy=False)  # no-op on little-endian hosts
+    tensor = torch.from_numpy(native)
+    if wire.torch_dtype == torch.bfloat16:
+        tensor = tensor.view(torch.bfloat16)
+    elif wire.torch_dtype == torch.bool:
+        tensor = tensor.to(torch.bool)
+    return tensor if dtype is wire else tensor.to(dtype.torch_dtype)
+
+
+# ---------------------------------------------------------------------------- FreezeAware framing
+
+def pack_freeze_frame(freeze_version: int, main: bytes, frozen_part: bytes | None) -> bytes:
+    flags = FREEZE_FLAG_FROZEN_PART if frozen_part is not None else 0
+    header = FREEZE_HEADER.pack(MAGIC, FORMAT_VERSION, FREEZE_AWARE_CODEC_ID, flags, freeze_version, len(main))
+    if frozen_part is None:
+        return header + main
+    return b"".join([header, SECTION_LENGTH.pack(len(frozen_part)), main, frozen_part])
+
+
+def unpack_freeze_frame(payload: bytes, freeze_version: int) -> tuple[memoryview, memoryview | None]:
+    """Splits a FreezeAware payload into (main section, frozen-part section or None)."""
+    reader = Reader(payload)
+    magic, version, codec_id, flags, found_version, main_length = reader.unpack(FREEZE_HEADER, "freeze header")
+    check_container(magic, version, codec_id, FREEZE_AWARE_CODEC_ID, "FreezeAware")
+    if flags & ~FREEZE_FLAG_FROZEN_PART:
+        raise PayloadError(f"unknown FreezeAware flags 0x{flags:02x}")
+    if found_version != freeze_version:
+        raise PayloadError(f"payload was encoded for freeze version {found_version}, link has {freeze_version}")
+    frozen_length = None
+    if flags & FREEZE_FLAG_FROZEN_PART:
+        (frozen_length,) = reader.unpack(SECTION_LENGTH, "frozen-part length")
+    main = reader.take(main_length, "main section")
+    frozen_part = None if frozen_length is None else reader.take(frozen_length, "frozen-part section")
+    reader.expect_end()
+    return main, frozen_part

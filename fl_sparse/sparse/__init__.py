@@ -1,0 +1,1 @@
+"""Mask arithmetic shared by every mask and freeze policy."""

@@ -1,0 +1,85 @@
+"""Layer-wise density budgets: how many weights each masked tensor keeps for a global sparsity.
+
+Counts are exact integers. The global kept count is ``round((1 - s) * total)`` over the masked
+tensors (biases and norm parameters are dense and not part of the budget); it is split over layers
+by the largest-remainder method, so per-layer counts sum to the global target exactly and no layer
+exceeds its size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gin
+import numpy as np
+
+from fl_sparse.errors import check
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _split_exactly(total: int, raw: dict[str, float], sizes: dict[str, int]) -> dict[str, int]:
+    """Integer counts close to ``raw`` (already scaled to sum to ``total``), summing to ``total``."""
+    floors = {name: min(sizes[name], math.floor(value)) for name, value in raw.items()}
+    missing = total - sum(floors.values())
+    # Hand the remaining units to the largest fractional parts (name order breaks ties, so it is deterministic).
+    order = sorted(raw, key=lambda name: (-(raw[name] - floors[name]), name))
+    for name in order:
+        if missing <= 0:
+            break
+        if floors[name] < sizes[name]:
+            floors[name] += 1
+            missing -= 1
+    return floors
+
+
+class DensityBudget:
+    """Turns a global sparsity into an exact kept count per masked tensor."""
+
+    def counts(self, shapes: Shapes, sparsity: float) -> dict[str, int]:
+        check(0.0 <= sparsity < 1.0, f"sparsity {sparsity} is outside [0, 1); use e.g. 0.8")
+        sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+        target = round((1.0 - sparsity) * sum(sizes.values()))
+        return _split_exactly(target, self.raw_counts(shapes, sizes, target), sizes)
+
+    def raw_counts(self, shapes: Shapes, sizes: dict[str, int], target: int) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@gin.configurable
+class Uniform(DensityBudget):
+    """Every layer gets the same density."""
+
+    def raw_counts(self, shapes, sizes, target):
+        density = target / sum(sizes.values())
+        return {name: density * size for name, size in sizes.items()}
+
+
+@gin.configurable
+class ERK(DensityBudget):
+    """Erdos-Renyi-Kernel: density proportional to sum(dims) / prod(dims), as in RigL and FedDST.
+
+    Layers whose density would exceed 1 become dense and the scale is solved again for the rest.
+    """
+
+    def __init__(self, power_scale: float = 1.0):
+        self.power_scale = power_scale
+
+    def raw_counts(self, shapes, sizes, target):
+        score = {name: (sum(shape) / sizes[name]) ** self.power_scale for name, shape in shapes.items()}
+        dense: set[str] = set()
+        while True:
+            free = [name for name in shapes if name not in dense]
+            remaining = target - sum(sizes[name] for name in dense)
+            weight = sum(score[name] * sizes[name] for name in free)
+            scale = remaining / weight if weight > 0 else 0.0
+            saturated = [name for name in free if scale * score[name] > 1.0]
+            if not saturated:
+                break
+            dense.update(saturated)
+        return {name: float(sizes[name]) if name in dense else scale * score[name] * sizes[name]
+                for name in shapes}
+
+
+def densities(counts: dict[str, int], shapes: Shapes) -> dict[str, float]:
+    return {name: counts[name] / max(1, int(np.prod(shapes[name]))) for name in counts}

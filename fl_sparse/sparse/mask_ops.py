@@ -1,0 +1,97 @@
+"""Exact prune / grow primitives. Policies decide when and to what count; these do the arithmetic.
+
+Both primitives work per tensor with an exact target count and never overlap:
+
+* :func:`prune_to` keeps the ``count`` highest-scoring active coordinates (frozen ones always stay and
+  count towards ``count``) and zeroes every weight it drops.
+* :func:`grow_to` activates the highest-scoring *inactive* coordinates until ``count`` are active;
+  grown weights are set to exactly 0 and active weights are never touched.
+
+Ties are broken by the lower flat index (a stable sort), so results are deterministic. Calling either
+again with the same count changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the k highest scores among eligible coordinates (stable: lower index wins ties)."""
+    candidates = eligible.flatten().nonzero().squeeze(1)
+    if k <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    candidate_scores = scores.flatten()[candidates].float()
+    order = torch.sort(candidate_scores, descending=True, stable=True).indices[:k]
+    return candidates[order]
+
+
+def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Tensors | None = None,
+             scores: Tensors | None = None) -> tuple[Tensors, Tensors]:
+    """Keep exactly ``counts[name]`` active coordinates per masked tensor (fewer if fewer are active).
+
+    Scores default to |weight|. Frozen coordinates are always kept.
+    """
+    frozen = frozen or {}
+    new_weights, new_mask = dict(weights), dict(mask)
+    for name, active in mask.items():
+        if int(active.sum()) <= counts[name]:
+            continue
+        locked = frozen.get(name, torch.zeros_like(active))
+        score = (scores or {}).get(name, weights[name].abs())
+        keep_free = max(0, counts[name] - int(locked.sum()))
+        kept = _top_positions(score, active & ~locked, keep_free)
+        pruned_mask = locked.clone().flatten()
+        pruned_mask[kept] = True
+        pruned_mask = pruned_mask.view_as(active)
+        new_mask[name] = pruned_mask
+        new_weights[name] = torch.where(pruned_mask, weights[name], torch.zeros_like(weights[name]))
+    return new_weights, new_mask
+
+
+def grow_to(weights: Tensors, mask: Tensors, counts: dict[str, int], scores: Tensors,
+            exclude: Tensors | None = None) -> tuple[Tensors, Tensors]:
+    """Activate the highest-scoring inactive coordinates until ``counts[name]`` are active.
+
+    Grown weights start at exactly 0; active coordinates keep their value bitwise. Coordinates in
+    ``exclude`` are never grown (FedDST excludes what the client just pruned, so a weight that was
+    active this round is never reset to 0).
+    """
+    new_weights, new_mask = dict(weights), dict(mask)
+    for name, active in mask.items():
+        missing = counts[name] - int(active.sum())
+        if missing <= 0:
+            continue
+        eligible = ~active if exclude is None or name not in exclude else ~active & ~exclude[name]
+        grown = _top_positions(scores[name], eligible, missing)
+        grown_mask = active.clone().flatten()
+        grown_mask[grown] = True
+        new_mask[name] = grown_mask.view_as(active)
+        flat = weights[name].clone().flatten()
+        flat[grown] = 0.0
+        new_weights[name] = flat.view_as(weights[name])
+    return new_weights, new_mask
+
+
+def random_scores(mask: Tensors, generator: torch.Generator) -> Tensors:
+    """Uniform random scores: growing by them is RandomGrow."""
+    return {name: torch.rand(m.shape, generator=generator).to(m.device) for name, m in mask.items()}
+
+
+def active_counts(mask: Tensors) -> dict[str, int]:
+    return {name: int(m.sum()) for name, m in mask.items()}
+
+
+def apply_mask(weights: Tensors, mask: Tensors) -> Tensors:
+    """Weights with every coordinate outside the mask set to exactly +0.0."""
+    out = dict(weights)
+    for name, m in mask.items():
+        out[name] = torch.where(m, weights[name], torch.zeros_like(weights[name]))
+    return out
+
+
+def trainable(mask: Tensors, frozen: Tensors) -> Tensors:
+    """Coordinates local training may change: in the mask and not frozen (derived, never stored)."""
+    return {name: (m & ~frozen[name]) if name in frozen else m for name, m in mask.items()}

@@ -1,0 +1,127 @@
+"""Client training as a pure function of (weights, mask, frozen, data indices, seed).
+
+No module state and no DataLoader: the data are tensors already on the device, batches are gathered
+by index, and the model is only a skeleton evaluated with ``torch.func.functional_call``. That is what
+lets executors run clients one after another or stacked under ``vmap`` with the same math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad_and_value
+
+from fl_sparse.data import FederatedData
+from fl_sparse.interfaces import ClientOptimizer, ClientResult, LocalObjective, MaskPolicy, RoundContext, Tensors
+from fl_sparse.sparse.mask_ops import trainable
+
+STREAMS = {"sampling": 1, "mask": 2, "batches": 3, "init": 4}
+
+
+def generator(seed: int, stream: str, *keys: int) -> torch.Generator:
+    """A CPU generator keyed by (seed, stream, round, client, ...): the same keys redraw the same numbers,
+    so a run resumed at round r reproduces sampling, growth and batch order."""
+    state = np.random.SeedSequence([seed, STREAMS[stream], *keys]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+@dataclasses.dataclass
+class TrainingJob:
+    """What is shared by every client of a round."""
+
+    model: torch.nn.Module  # a skeleton; its own parameters are never used
+    data: FederatedData
+    objective: LocalObjective
+    optimizer: ClientOptimizer
+    mask_policy: MaskPolicy
+    epochs: int
+    batch_size: int
+
+    def split(self, weights: Tensors) -> tuple[Tensors, Tensors]:
+        """(parameters, buffers) of a flat state dict."""
+        names = {name for name, _ in self.model.named_parameters()}
+        params = {k: v for k, v in weights.items() if k in names}
+        return params, {k: v for k, v in weights.items() if k not in names}
+
+    def loss_fn(self, params: Tensors, buffers: Tensors, global_params: Tensors, x: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(self.model, (params, buffers), (self.data.normalize(x),))
+        return self.objective.loss(logits, y, params, global_params)
+
+
+@dataclasses.dataclass
+class ClientTask:
+    """One sampled client: what it received and which samples it holds."""
+
+    client_id: int
+    weights: Tensors
+    mask: Tensors
+    frozen: Tensors
+    indices: torch.Tensor
+    seed: int
+    round: int
+
+
+def batch_order(task: ClientTask, epochs: int, batch_size: int) -> list[torch.Tensor]:
+    """Index batches of all epochs: a fresh permutation per epoch, last batch possibly short."""
+    rng = generator(task.seed, "batches", task.round, task.client_id)
+    batches = []
+    for _ in range(epochs):
+        order = task.indices[torch.randperm(len(task.indices), generator=rng).to(task.indices.device)]
+        batches.extend(order.split(batch_size))
+    return batches
+
+
+def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> ClientResult:
+    """E epochs of SGD under ``trainable = mask & ~frozen``, then the mask policy's client step."""
+    params, buffers = job.split(task.weights)
+    buffers = {name: b.clone() for name, b in buffers.items()}  # BatchNorm updates running stats in place
+    global_params = {name: p.detach() for name, p in params.items()}
+    allowed = trainable(task.mask, task.frozen)
+    state = job.optimizer.init(params)
+    step = grad_and_value(job.loss_fn)
+    losses = []
+    for batch in batch_order(task, job.epochs, job.batch_size):
+        grads, loss = step(params, buffers, global_params, job.data.train_x[batch], job.data.train_y[batch])
+        params, state = job.optimizer.step(params, grads, state, allowed)
+        losses.append(loss.detach())
+    weights = {**params, **buffers}
+
+    def gradients() -> Tensors:
+        """Mean gradient of the local loss over the client's data at the trained weights."""
+        total = {name: torch.zeros_like(p) for name, p in params.items()}
+        for batch in task.indices.split(job.batch_size):
+            grads, _ = step(params, dict(buffers), global_params, job.data.train_x[batch], job.data.train_y[batch])
+            for name in total:
+                total[name] += grads[name] * (len(batch) / len(task.indices))
+        return total
+
+    weights, mask = job.mask_policy.client_step(ctx, weights, task.mask, task.frozen, gradients)
+    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    return ClientResult(task.client_id, weights, mask, len(task.indices), mean_loss)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, weights: Tensors, data: FederatedData,
+             batch_size: int = 2000) -> dict[str, float]:
+    """Accuracy on the whole test set, and the unweighted mean over clients of each client's accuracy
+    on its local test split (the reference code's "accuracy"), from one batched pass."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = [], 0.0
+    for start in range(0, len(data.test_y), batch_size):
+        x = data.normalize(data.test_x[start:start + batch_size])
+        y = data.test_y[start:start + batch_size]
+        logits = functional_call(model, weights, (x,))
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct.append((logits.argmax(1) == y).float())
+    model.train(was_training)
+    hits = torch.cat(correct)
+    per_client = [hits[idx].mean() for idx in data.client_test if len(idx)]
+    return {
+        "test_accuracy": float(hits.mean()),
+        "local_accuracy": float(torch.stack(per_client).mean()) if per_client else float("nan"),
+        "test_loss": loss_sum / len(hits),
+    }

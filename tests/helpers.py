@@ -1,0 +1,24 @@
+"""Small builders shared by the tests: tiny, fast experiments on the embedded data."""
+
+from __future__ import annotations
+
+from fl_sparse import configs
+from fl_sparse.engine import Simulation
+from fl_sparse.experiment import Experiment
+
+TINY = ["Experiment.num_clients = 10", "Experiment.clients_per_round = 3", "Experiment.local_epochs = 1",
+        "Experiment.eval_every = 1000"]
+
+
+def simulation(algorithm: str, *bindings: str, rounds: int = 2, presets: tuple[str, ...] = ()) -> Simulation:
+    configs.parse(algorithm, list(presets), [f"ROUNDS = {rounds}", *TINY, *bindings])
+    return Simulation(Experiment())
+
+
+def play(sim: Simulation, rounds: int | None = None):
+    """Play rounds one by one; yields (state_before, state_after, metrics)."""
+    state = sim.initial_state()
+    for _ in range(rounds or sim.experiment.rounds):
+        before = state
+        state, metrics = sim.play_round(state)
+        yield before, state, metrics

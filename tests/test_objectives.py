@@ -1,0 +1,54 @@
+import torch
+from torch.func import grad
+
+from fl_sparse.parts.objectives import SGD, CrossEntropy, Proximal
+
+
+def _grads(objective, params, global_params, x, y):
+    def loss(p):
+        logits = x @ p["w"] + p["b"]
+        return objective.loss(logits, y, p, global_params)
+    return grad(loss)(params)
+
+
+def test_fedprox_term_changes_the_gradient_by_exactly_mu_times_the_drift():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    params = {"w": torch.randn(5, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
+    global_params = {k: v + torch.randn_like(v) for k, v in params.items()}
+    mu = 0.37
+    plain = _grads(CrossEntropy(), params, global_params, x, y)
+    prox = _grads(Proximal(mu), params, global_params, x, y)
+    for name in params:
+        expected = mu * (params[name] - global_params[name])
+        torch.testing.assert_close(prox[name] - plain[name], expected, rtol=1e-12, atol=1e-12)
+        assert (prox[name] - plain[name]).abs().max() > 0.01  # not a no-op, unlike the reference
+
+
+def test_sgd_matches_torch_sgd_when_everything_is_trainable():
+    torch.manual_seed(1)
+    p = torch.randn(20)
+    reference = torch.nn.Parameter(p.clone())
+    torch_sgd = torch.optim.SGD([reference], lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ours = SGD(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    params, state = {"p": p.clone()}, ours.init({"p": p})
+    for _ in range(5):
+        g = torch.randn(20)
+        reference.grad = g.clone()
+        torch_sgd.step()
+        params, state = ours.step(params, {"p": g}, state, {})
+    torch.testing.assert_close(params["p"], reference.detach(), rtol=0, atol=1e-6)
+
+
+def test_sgd_never_moves_untrainable_coordinates():
+    torch.manual_seed(2)
+    p = torch.randn(100)
+    p[::3] = 0.0
+    trainable = torch.rand(100) > 0.5
+    opt = SGD(lr=0.5, momentum=0.9, weight_decay=0.1)
+    params, state = {"p": p.clone()}, opt.init({"p": p})
+    for _ in range(10):
+        params, state = opt.step(params, {"p": torch.randn(100) * 10}, state, {"p": trainable})
+    assert torch.equal(params["p"][~trainable], p[~trainable])
+    assert torch.equal(state["p"][~trainable], torch.zeros(int((~trainable).sum())))
+    assert not torch.equal(params["p"][trainable], p[trainable])
