@@ -120,7 +120,9 @@ class ClientReadjust(BudgetedMask):
             return weights, mask
         alpha = self.decayed_ratio(ctx.phase.progress)
         free = mask_ops.trainable(mask, frozen)
-        drop = {name: round(alpha * int(free[name].sum())) for name in mask}
+        # Drop no more than can be regrown outside the old mask, so the count stays exact and no
+        # weight that was active this round is reset to 0 (a nearly dense layer readjusts less).
+        drop = {name: min(round(alpha * int(free[name].sum())), int((~mask[name]).sum())) for name in mask}
         if not any(drop.values()):
             return weights, mask
         before = mask_ops.active_counts(mask)
