@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from fl_sparse.errors import FlSparseError
 
@@ -25,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     run.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    run.add_argument("--budget-gb", type=float, help="stop before measured up+down traffic exceeds this many GB")
+    run.add_argument("--checkpoint-every", type=int, metavar="K", help="write a checkpoint every K rounds")
+    run.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints go (default ./checkpoints)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (same command otherwise)")
     commands.add_parser("list", help="list every registered part grouped by interface")
     return parser
 
@@ -41,13 +46,15 @@ def _bindings(args: argparse.Namespace) -> list[str]:
         bindings.append(f"Experiment.device = {args.device!r}")
     if args.seed is not None:
         bindings.append(f"Experiment.seed = {args.seed}")
+    if args.budget_gb is not None:
+        bindings.append(f"Experiment.budget_gb = {args.budget_gb}")
     return bindings + args.bind
 
 
 def _run(args: argparse.Namespace) -> int:
     import gin
 
-    from fl_sparse import configs
+    from fl_sparse import checkpoint, configs
     from fl_sparse.engine import Simulation
     from fl_sparse.experiment import Experiment
     from fl_sparse.errors import ConfigError
@@ -55,32 +62,52 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds {args.rounds}: give at least 1 round")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give a number of rounds >= 1")
+    if args.resume is not None and not os.path.isdir(args.resume):
+        raise ConfigError(f"--resume {args.resume}: no such directory")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise ConfigError(f"--data-dir {args.data_dir}: no such directory")
     configs.parse(args.algorithm, args.presets, _bindings(args))
     experiment = Experiment()  # validates every binding before anything is loaded or logged
+    config_text = gin.config_str()
+    state, run_id = None, None
+    if args.resume:
+        state, meta = checkpoint.read(Path(args.resume), config_text)
+        run_id = meta.get("mlflow_run_id")
     simulation = Simulation(experiment)
     print(f"data: {simulation.data.source}; {experiment.num_clients} clients, "
           f"{experiment.clients_per_round} per round, device {simulation.device}", file=sys.stderr)
+    if args.resume:
+        state = checkpoint.apply(simulation, state, meta)
+        print(f"resuming after round {state.round} from {args.resume}", file=sys.stderr)
 
     callbacks, tracker = [], None
     if not args.no_tracking:
         uri = tracking_uri(args.tracking_uri)
         name = os.path.splitext(os.path.basename(args.algorithm))[0]
-        tracker = MlflowTracker(uri, args.experiment_name, name)
-        tracker.log_config(configs.bindings_as_params(), gin.config_str(),
-                           {"algorithm": name, "presets": ",".join(args.presets), "data": simulation.data.source})
+        tracker = MlflowTracker(uri, args.experiment_name, name, run_id)
+        if run_id is None:
+            tracker.log_config(configs.bindings_as_params(), config_text,
+                               {"algorithm": name, "presets": ",".join(args.presets), "data": simulation.data.source})
         callbacks.append(tracker)
-    bar = ProgressBar(experiment.rounds)
+    if args.checkpoint_every or args.resume:
+        directory = Path(args.resume or args.checkpoint_dir)
+        every = args.checkpoint_every or meta["checkpoint_every"]
+        callbacks.append(checkpoint.Checkpointer(directory, every, simulation,
+                                                 tracker.run_id if tracker else None, config_text))
+    bar = ProgressBar(experiment.rounds, state.round if state else 0)
     callbacks.append(bar)
     try:
-        state = simulation.run(callbacks=callbacks)
+        state = simulation.run(state, callbacks=callbacks)
     except BaseException:
         bar.close()
         if tracker:
             tracker.finish(gin.operative_config_str(), status="FAILED")
         raise
     bar.close()
+    if simulation.stopped_by_budget:
+        print(f"stopped by the communication budget of {experiment.budget_gb} GB after round {state.round}")
     print(f"finished {state.round} rounds: {state.cumulative_bytes / 1e9:.4f} GB communicated")
     if tracker:
         tracker.finish(gin.operative_config_str())

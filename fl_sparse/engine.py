@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -53,6 +54,7 @@ class Simulation:
         self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
         self.job = TrainingJob(self.model, self.data, exp.objective, exp.optimizer, exp.mask_policy,
                                exp.local_epochs, exp.batch_size)
+        self.stopped_by_budget = False
 
     def initial_state(self) -> ServerState:
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
@@ -88,22 +90,37 @@ class Simulation:
         uploads, up_bytes = [], 0
         for result in results:
             link = self._link(state, "up", result.client_id)
-            payload = exp.uplink_codec.encode(Message(result.weights, result.mask), link)
-            up_bytes += len(payload)
-            received = exp.uplink_codec.decode(payload, link)
-            uploads.append(dataclasses.replace(result, weights=received.tensors, mask=received.masks))
+            try:
+                payload = exp.uplink_codec.encode(Message(result.weights, result.mask), link)
+                up_bytes += len(payload)
+                received = exp.uplink_codec.decode(payload, link)
+            except ValueError as error:  # PayloadError, or a message the codec cannot even encode
+                warnings.warn(f"round {r}: client {result.client_id} rejected: {error}", stacklevel=2)
+                continue
+            upload = dataclasses.replace(result, weights=received.tensors, mask=received.masks)
+            problem = _invalid_update(upload, state.weights)
+            if problem:
+                warnings.warn(f"round {r}: client {result.client_id} rejected: {problem}", stacklevel=2)
+                continue
+            uploads.append(upload)
 
         flops = sum(accounting.training_flops(self.macs, task.mask, task.frozen, len(task.indices) * exp.local_epochs)
                     for task in tasks)
-        weights, mask = exp.aggregator.aggregate(state.weights, state.mask, state.frozen, uploads)
-        frozen = exp.freeze_policy.server_step(ctx, weights, mask, state.frozen)
-        freeze_version = state.freeze_version + (frozen is not state.frozen)
-        weights, mask = exp.mask_policy.server_step(ctx, weights, mask, frozen)
+        weights, mask, frozen, freeze_version = state.weights, state.mask, state.frozen, state.freeze_version
+        if uploads:
+            weights, mask = exp.aggregator.aggregate(weights, mask, frozen, uploads)
+            frozen = exp.freeze_policy.server_step(ctx, weights, mask, frozen)
+            freeze_version += frozen is not state.frozen
+            weights, mask = exp.mask_policy.server_step(ctx, weights, mask, frozen)
+        else:
+            warnings.warn(f"round {r}: every client update was rejected; the global model is unchanged",
+                          stacklevel=2)
 
         new_state = ServerState(weights, mask, frozen, r, freeze_version,
                                 state.cumulative_bytes + up_bytes + down_bytes, state.cumulative_flops + flops)
         metrics = {
-            "train_loss": _weighted_loss(results),
+            "rejected_clients": float(len(results) - len(uploads)),
+            "train_loss": _weighted_loss(uploads),
             "uplink_bytes": float(up_bytes), "downlink_bytes": float(down_bytes),
             "uplink_bytes_per_client": up_bytes / len(clients),
             "downlink_bytes_per_client": down_bytes / len(clients),
@@ -115,16 +132,35 @@ class Simulation:
         return new_state, metrics
 
     def run(self, state: ServerState | None = None, callbacks: list[Callback] = ()) -> ServerState:
+        """Play the remaining rounds. With ``Experiment.budget_gb`` the run ends before a round whose
+        measured bytes would take the cumulative total over the budget (that round is discarded)."""
         exp = self.experiment
         state = state or self.initial_state()
+        budget = None if exp.budget_gb is None else exp.budget_gb * 1e9
         while state.round < exp.rounds:
-            state, metrics = self.play_round(state)
+            candidate, metrics = self.play_round(state)
+            if budget is not None and candidate.cumulative_bytes > budget:
+                self.stopped_by_budget = True
+                break
+            state = candidate
             evaluated = state.round % exp.eval_every == 0 or state.round == exp.rounds
             if evaluated:
                 metrics.update(evaluate(self.model, state.weights, self.data))
             for callback in callbacks:
                 callback(RoundEvent(state.round, metrics, state, evaluated))
         return state
+
+
+def _invalid_update(upload: ClientResult, weights: Tensors) -> str | None:
+    """Why a client's decoded update cannot be aggregated, or None if it can."""
+    if upload.weights.keys() != weights.keys():
+        return f"it sent tensors {sorted(set(upload.weights) ^ set(weights))[:3]} that do not match the model"
+    for name, tensor in upload.weights.items():
+        if tensor.shape != weights[name].shape:
+            return f"{name} has shape {tuple(tensor.shape)}, expected {tuple(weights[name].shape)}"
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"{name} contains NaN or Inf"
+    return None
 
 
 def _weighted_loss(results: list[ClientResult]) -> float:

@@ -40,6 +40,7 @@ class Experiment:
     local_epochs: int = 3
     batch_size: int = 32
     eval_every: int = 1
+    budget_gb: float | None = None  # stop before the measured up+down bytes would exceed this
     seed: int = 0
     partition_seed: int | None = None  # None: derived from seed
     device: str = "auto"
@@ -63,6 +64,8 @@ class Experiment:
                                         "(smaller is more label skew; the paper uses 0.1)")
         check(self.local_epochs >= 1, f"Experiment.local_epochs={self.local_epochs} must be >= 1")
         check(self.batch_size >= 1, f"Experiment.batch_size={self.batch_size} must be >= 1")
+        check(self.budget_gb is None or self.budget_gb > 0,
+              f"Experiment.budget_gb={self.budget_gb} must be > 0 (or None for no budget)")
         check(self.eval_every >= 1, f"Experiment.eval_every={self.eval_every} must be >= 1")
         check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
               f"Experiment.device={self.device!r} must be auto, cpu or cuda")

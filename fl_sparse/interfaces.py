@@ -162,6 +162,13 @@ class CommCodec(abc.ABC):
     @abc.abstractmethod
     def decode(self, payload: bytes, link: Link) -> Message: ...
 
+    def state_dict(self) -> dict:
+        """JSON-serialisable state (e.g. which clients already hold the frozen part), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class LocalObjective(abc.ABC):
     """The client's training loss."""

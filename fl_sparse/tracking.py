@@ -20,13 +20,19 @@ class MlflowTracker:
     """Logs one run: every gin binding as a param, the operative config as an artifact, and the
     per-round metrics. Evaluation metrics are logged only in the rounds where they were computed."""
 
-    def __init__(self, uri: str, experiment_name: str, run_name: str):
+    def __init__(self, uri: str, experiment_name: str, run_name: str, resume_run_id: str | None = None):
+        import logging
+
         import mlflow
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep the terminal to the progress bar
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment_name)
-        self.run = mlflow.start_run(run_name=run_name)
+        if resume_run_id:  # continue the interrupted run; rounds after its checkpoint are logged again
+            self.run = mlflow.start_run(run_id=resume_run_id)
+        else:
+            mlflow.set_experiment(experiment_name)
+            self.run = mlflow.start_run(run_name=run_name)
         self.run_id = self.run.info.run_id
 
     def log_config(self, params: dict[str, str], config_text: str, tags: dict[str, str]) -> None:

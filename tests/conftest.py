@@ -28,3 +28,13 @@ def cifar10_root(tmp_path_factory) -> Path:
     if done.returncode != 0:  # the data is there but could not be unpacked: a real failure, not a skip
         pytest.fail(f"{PREPARE_CIFAR10} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     return root
+
+
+@pytest.fixture(autouse=True)
+def fresh_gin_config():
+    """Each test starts from an empty, unlocked gin config (parsing a config locks it)."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
