@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints go (default ./checkpoints)")
     run.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (same command otherwise)")
     commands.add_parser("list", help="list every registered part grouped by interface")
+    report = commands.add_parser("report", help="write a Markdown table and plots from the MLflow runs")
+    report.add_argument("out", help="directory to write table.md and the PNG plots into")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    report.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
     return parser
 
 
@@ -127,10 +131,19 @@ def _list() -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fl_sparse.report import write_report
+    from fl_sparse.tracking import tracking_uri
+
+    for path in write_report(tracking_uri(args.tracking_uri), args.experiment_name, Path(args.out)):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run(args) if args.command == "run" else _list()
+        return {"run": _run, "report": _report, "list": lambda _: _list()}[args.command](args)
     except FlSparseError as error:
         from fl_sparse.configs import first_line
 

@@ -91,3 +91,16 @@ def test_console_script_exits_2_on_unknown_algorithm(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "nosuchalgo" in done.stderr
+
+
+def test_report_writes_a_table_and_two_plots_from_mlflow_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for algorithm, seed in [("fedavg", "0"), ("fedavg", "1"), ("pffdst", "0")]:
+        assert main(["run", algorithm, "--rounds", "2", "--seed", seed, *FAST]) == 0
+    assert main(["report", "out"]) == 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| fedavg | - | 2 |" in table and "| pffdst | - | 1 |" in table
+    assert "best" in table and "local acc." in table and "test acc." in table
+    for plot in ["accuracy_vs_gb.png", "accuracy_vs_flops.png"]:
+        assert (tmp_path / "out" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", "out", "--experiment-name", "nothing"]) == 2
