@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def _bindings(args: argparse.Namespace) -> list[str]:
     bindings = []
     if args.rounds is not None:
-        bindings.append(f"ROUNDS = {args.rounds}")
+        bindings += [f"ROUNDS = {args.rounds}", f"PFFDST_ROUNDS = {args.rounds}"]
     if args.sparsity is not None:
         bindings.append(f"SPARSITY = {args.sparsity}")
     if args.data_dir is not None:

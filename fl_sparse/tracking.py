@@ -12,8 +12,15 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(cli_value: str | None) -> str:
-    """--tracking-uri wins, then MLFLOW_TRACKING_URI, then a sqlite file in the working directory."""
-    return cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """--tracking-uri wins, then MLFLOW_TRACKING_URI, then a sqlite file in the working directory.
+
+    A relative sqlite path is made absolute: MLflow caches stores by URI, so a relative one would keep
+    pointing at the first working directory it was used from."""
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 class MlflowTracker:

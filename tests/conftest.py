@@ -32,9 +32,14 @@ def cifar10_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def fresh_gin_config():
-    """Each test starts from an empty, unlocked gin config (parsing a config locks it)."""
+    """Each test starts from an empty, unlocked gin config (parsing a config locks it) and no tracking URI."""
+    import os
+
     import gin
 
     gin.clear_config()
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which would leak one test's store into the next.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     gin.clear_config()
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -23,7 +23,7 @@ def test_the_documented_algorithms_and_presets_ship():
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_builds_with_every_preset(algorithm, preset):
-    configs.parse(algorithm, [preset], ["ROUNDS = 40", "DATA_DIR = '/unused'"])
+    configs.parse(algorithm, [preset], ["ROUNDS = 40", "PFFDST_ROUNDS = 40", "DATA_DIR = '/unused'"])
     experiment = Experiment()  # builds every part and validates it; no data is loaded
     assert experiment.rounds == 40
 
@@ -63,3 +63,16 @@ def test_wheel_ships_the_gin_files(tmp_path):
     assert "fl_sparse/_gin/algorithms/pffdst.gin" in names
     assert "fl_sparse/_gin/registry/cifar10_lenet.gin" in names
     assert "fl_sparse/data/embedded/cifar10_subset.npz" in names
+
+
+def test_table_presets_give_each_family_its_equal_budget_rounds():
+    rounds = {}
+    for algorithm in ["fedavgm", "fedprox", "feddst", "feddst_fedprox", "pffdst", "pffdst_wo_pf", "pffdst_wo_smr"]:
+        configs.parse(algorithm, ["table1_4gb"], ["DATA_DIR = '/unused'"])
+        experiment = Experiment()
+        assert experiment.budget_gb == pytest.approx(5.7949)
+        rounds[algorithm] = experiment.rounds
+    assert rounds["feddst"] == rounds["feddst_fedprox"] == 200
+    assert rounds["pffdst"] == rounds["pffdst_wo_pf"] == rounds["pffdst_wo_smr"] == 350
+    configs.parse("pffdst", ["table1_16gb"], ["DATA_DIR = '/unused'"])
+    assert Experiment().rounds == 1400 and Experiment().budget_gb == pytest.approx(4 * 5.7949, abs=1e-3)
