@@ -27,6 +27,13 @@ def generator(seed: int, stream: str, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
+def _model_input(data: FederatedData, x_uint8: torch.Tensor) -> torch.Tensor:
+    """Normalised images in channels-last layout: oneDNN's CPU convolutions run ~1.3x faster on it
+    (measured on LeNet training, same results up to the last bits)."""
+    x = data.normalize(x_uint8)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 @dataclasses.dataclass
 class TrainingJob:
     """What is shared by every client of a round."""
@@ -47,7 +54,7 @@ class TrainingJob:
 
     def loss_fn(self, params: Tensors, buffers: Tensors, global_params: Tensors, x: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.model, (params, buffers), (self.data.normalize(x),))
+        logits = functional_call(self.model, (params, buffers), (_model_input(self.data, x),))
         return self.objective.loss(logits, y, params, global_params)
 
 
@@ -112,7 +119,7 @@ def evaluate(model: torch.nn.Module, weights: Tensors, data: FederatedData,
     model.eval()
     correct, loss_sum = [], 0.0
     for start in range(0, len(data.test_y), batch_size):
-        x = data.normalize(data.test_x[start:start + batch_size])
+        x = _model_input(data, data.test_x[start:start + batch_size])
         y = data.test_y[start:start + batch_size]
         logits = functional_call(model, weights, (x,))
         loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))

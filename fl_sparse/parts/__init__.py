@@ -8,4 +8,5 @@ from fl_sparse.parts import (  # noqa: F401  (imported for their gin registratio
     mask_policies,
     objectives,
     schedules,
+    vectorized,
 )

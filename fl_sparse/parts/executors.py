@@ -1,4 +1,8 @@
-"""Client executors: how the sampled clients of a round are trained (never what they compute)."""
+"""Client executors: how the sampled clients of a round are trained (never what they compute).
+
+* :class:`Sequential`  one client after another (:func:`fl_sparse.training.train_client`).
+* :class:`fl_sparse.parts.vectorized.Vectorized`  a group of clients at once under ``torch.func.vmap``.
+"""
 
 from __future__ import annotations
 

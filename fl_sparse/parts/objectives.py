@@ -51,16 +51,17 @@ class SGD(ClientOptimizer):
     def step(self, params, grads, state, trainable):
         new_params, new_state = {}, {}
         for name, param in params.items():
-            direction = grads[name] + self.weight_decay * param if self.weight_decay else grads[name]
+            # torch.add(..., alpha=) fuses the scaling and saves one temporary per term.
+            direction = torch.add(grads[name], param, alpha=self.weight_decay) if self.weight_decay else grads[name]
             if self.momentum:
-                direction = self.momentum * state[name] + direction
+                direction = torch.add(direction, state[name], alpha=self.momentum)
             allowed = trainable.get(name)
             if allowed is not None:
                 if self.momentum:
                     direction = torch.where(allowed, direction, state[name])
-                updated = torch.where(allowed, param - self.lr * direction, param)
+                updated = torch.where(allowed, torch.add(param, direction, alpha=-self.lr), param)
             else:
-                updated = param - self.lr * direction
+                updated = torch.add(param, direction, alpha=-self.lr)
             new_params[name] = updated
             if self.momentum:
                 new_state[name] = direction

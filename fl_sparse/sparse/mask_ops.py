@@ -23,9 +23,17 @@ def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torc
     candidates = eligible.flatten().nonzero().squeeze(1)
     if k <= 0 or candidates.numel() == 0:
         return candidates[:0]
+    if k >= candidates.numel():
+        return candidates
     candidate_scores = scores.flatten()[candidates].float()
-    order = torch.sort(candidate_scores, descending=True, stable=True).indices[:k]
-    return candidates[order]
+    # The k-th largest score splits the candidates; among those equal to it, the lowest indices win.
+    # Same result as a stable descending sort, without sorting all candidates.
+    threshold = torch.topk(candidate_scores, k, sorted=False).values.min()
+    above = candidate_scores > threshold
+    ties = (candidate_scores == threshold).nonzero().squeeze(1)[: k - int(above.sum())]
+    chosen = above.clone()
+    chosen[ties] = True
+    return candidates[chosen]
 
 
 def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Tensors | None = None,

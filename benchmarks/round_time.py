@@ -1,0 +1,249 @@
+"""Time federated rounds with the Sequential and Vectorized executors (set-up excluded).
+
+Executors: ``sequential`` (Sequential), ``vectorized`` (Vectorized) and ``compiled``
+(Vectorized with ``compile=True``; its torch.compile time lands in the untimed warm-up round, shown apart).
+
+For each algorithm (FedAvg, FedDST, PFFDST by default) and executor, builds the run exactly as
+``fl-sparse run ALGO cifar10_lenet`` would (``configs.parse`` + ``Experiment()`` + ``Simulation``), plays
+one untimed warm-up round, then times ``sim.play_round(state)`` for ``--rounds`` rounds and prints the
+median seconds per round, training samples per second (sampled clients' samples x local epochs / round
+time), the worker process's peak RSS and the speed-up over Sequential (``seq/this``: Sequential's seconds
+per round divided by this executor's). Each configuration runs
+in its own process, so peak RSS is per configuration (with ``--quick`` all run in one process and peak
+RSS is the running maximum). In the same run it measures plain PyTorch LeNet
+training (``nn.Module`` + ``torch.optim.SGD``, batch 32 and 640, in-memory normalised tensors) and
+``fl_sparse.training.evaluate`` on the whole test set.
+
+    .venv/bin/python benchmarks/round_time.py --data-dir /tmp/cifar_root      # the paper's LeNet setting
+    .venv/bin/python benchmarks/round_time.py --quick                         # embedded subset, < 1 min
+    .venv/bin/python benchmarks/round_time.py --model resnet18 --rounds 5     # ResNet-18 (cifar10_resnet18)
+
+Without ``--data-dir`` the embedded 2,000-image CIFAR-10 subset is used (5 training images per client at
+400 clients, far from the paper's 125); the output says which data was used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {"lenet": "cifar10_lenet", "resnet18": "cifar10_resnet18"}
+EXECUTORS = {"sequential": ["Experiment.executor = @Sequential()"],
+             "vectorized": ["Experiment.executor = @Vectorized()"],
+             "compiled": ["Experiment.executor = @Vectorized()", "Vectorized.compile = True"]}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _setup_torch(threads: int | None):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch
+
+
+def _bindings(args, executor: str | None = None) -> list[str]:
+    bindings = [f"ROUNDS = {args.total_rounds}", "Experiment.eval_every = 100000"]
+    if args.data_dir:
+        bindings.append(f"DATA_DIR = {args.data_dir!r}")
+    if executor:
+        bindings += EXECUTORS[executor]
+        if executor != "sequential" and args.group_size:
+            bindings.append(f"Vectorized.group_size = {args.group_size}")
+    return bindings + args.bind
+
+
+def _simulation(args, algorithm: str, executor: str | None = None):
+    from fl_sparse import configs
+    from fl_sparse.engine import Simulation
+    from fl_sparse.experiment import Experiment
+
+    configs.parse(algorithm, [PRESETS[args.model]], _bindings(args, executor))
+    return Simulation(Experiment())
+
+
+def worker_rounds(args) -> dict:
+    """One (algorithm, executor): warm-up round, then ``args.rounds`` timed rounds."""
+    torch = _setup_torch(args.threads)
+    sim = _simulation(args, args.algorithm, args.executor)
+    exp = sim.experiment
+    state = sim.initial_state()
+    times, samples, readjust, warmup = [], [], [], 0.0
+    for r in range(args.rounds + 1):
+        clients = sim.sample_clients(state.round + 1)
+        phase = exp.schedule.phase(state.round + 1)
+        started = time.perf_counter()
+        state, _ = sim.play_round(state)
+        elapsed = time.perf_counter() - started
+        if not r:  # round 1 is a warm-up (lazy initialisation, allocator growth, torch.compile)
+            warmup = elapsed
+        else:
+            times.append(elapsed)
+            samples.append(sum(len(sim.data.client_train[c]) for c in clients) * exp.local_epochs)
+            readjust.append(phase.readjust)
+    median = statistics.median(times)
+    return {"algorithm": args.algorithm, "executor": args.executor, "model": args.model,
+            "seconds": times, "median_s": median, "warmup_s": warmup, "samples_per_round": statistics.median(samples),
+            "samples_per_s": statistics.median(samples) / median, "readjust_rounds": sum(readjust),
+            "peak_rss_mb": _peak_rss_mb(), "data": sim.data.source, "threads": torch.get_num_threads(),
+            "clients_per_round": exp.clients_per_round, "epochs": exp.local_epochs, "batch_size": exp.batch_size}
+
+
+def worker_plain(args) -> dict:
+    """Plain PyTorch LeNet training throughput and ``evaluate`` on the full test set."""
+    torch = _setup_torch(args.threads)
+    from fl_sparse.models import LeNet
+    from fl_sparse.training import evaluate
+
+    sim = _simulation(args, "fedavg")
+    data = sim.data
+    n = min(len(data.train_y), 1280 if args.quick else 6400)
+    x = data.normalize(data.train_x[:n])  # in-memory float tensors: no data pipeline in the loop
+    y = data.train_y[:n]
+    out = {"data": data.source}
+    torch.manual_seed(0)
+    for batch in (32, 640):
+        model = LeNet(data.num_classes)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def epoch():
+            for start in range(0, n - batch + 1, batch):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x[start:start + batch]), y[start:start + batch]).backward()
+                opt.step()
+            return (n // batch) * batch
+
+        epoch()  # warm-up
+        rates = []
+        for _ in range(2 if args.quick else 3):
+            started = time.perf_counter()
+            done = epoch()
+            rates.append(done / (time.perf_counter() - started))
+        out[f"plain_b{batch}_samples_per_s"] = statistics.median(rates)
+    weights = sim.initial_state().weights
+    evaluate(sim.model, weights, data)  # warm-up
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        evaluate(sim.model, weights, data)
+        times.append(time.perf_counter() - started)
+    out["evaluate_s"] = statistics.median(times)
+    out["test_images"] = len(data.test_y)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def _run_worker(args, kind: str, **extra) -> dict:
+    if args.quick:  # in-process: no interpreter start-ups, peak RSS is then the running maximum
+        local = argparse.Namespace(**{**vars(args), **extra})
+        return worker_rounds(local) if kind == "rounds" else worker_plain(local)
+    cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--rounds", str(args.rounds),
+           "--total-rounds", str(args.total_rounds)]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.group_size:
+        cmd += ["--group-size", str(args.group_size)]
+    if args.quick:
+        cmd.append("--quick")
+    for binding in args.bind:
+        cmd += ["--bind", binding]
+    for key, value in extra.items():
+        cmd += [f"--{key}", value]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"worker {kind} {extra} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", help="root holding cifar-10-batches-py (default: the embedded subset)")
+    parser.add_argument("--model", choices=sorted(PRESETS), default="lenet")
+    parser.add_argument("--algorithms", nargs="+", default=["fedavg", "feddst", "pffdst"])
+    parser.add_argument("--executors", nargs="+", choices=sorted(EXECUTORS), default=["sequential", "vectorized"])
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per configuration (after one warm-up)")
+    parser.add_argument("--total-rounds", type=int, default=100, help="the ROUNDS macro (schedules depend on it)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)")
+    parser.add_argument("--group-size", type=int, default=0, help="Vectorized.group_size (0: whole round)")
+    parser.add_argument("--bind", action="append", default=[], help="extra gin binding for every configuration")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 timed rounds, shorter plain-PyTorch runs, one process (< 1 min on the embedded data)")
+    parser.add_argument("--worker", choices=["rounds", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--algorithm", help=argparse.SUPPRESS)
+    parser.add_argument("--executor", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    given = argv if argv is not None else sys.argv
+    if args.quick and "--rounds" not in given:
+        args.rounds = 2
+    if args.quick and args.threads is None:
+        args.threads = 1  # two OpenMP threads on 2 shared cores slow down several-fold when anything else runs
+
+    if args.worker:
+        result = worker_rounds(args) if args.worker == "rounds" else worker_plain(args)
+        print(json.dumps(result))
+        return
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    plain = _run_worker(args, "plain")
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}")
+    print(f"data: {plain['data']}  (model {args.model}, preset {PRESETS[args.model]})")
+    print(f"plain PyTorch LeNet training (nn.Module + torch.optim.SGD, in-memory tensors): "
+          f"batch 32: {plain['plain_b32_samples_per_s']:.0f} samples/s, "
+          f"batch 640: {plain['plain_b640_samples_per_s']:.0f} samples/s")
+    print(f"evaluate() on the full test set ({plain['test_images']} images): {plain['evaluate_s']:.3f} s")
+    header = (f"{'algorithm':<10} {'executor':<11} {'s/round':>8} {'min':>7} {'max':>7} {'warm-up':>8} "
+              f"{'samples/s':>10} {'peak RSS MB':>11} {'seq/this':>8} {'vs plain b640':>13}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for algorithm in args.algorithms:
+        by_executor = {}
+        for executor in args.executors:
+            r = _run_worker(args, "rounds", algorithm=algorithm, executor=executor)
+            by_executor[executor] = r
+            speedup = ""
+            if executor != "sequential" and "sequential" in by_executor:
+                speedup = f"{by_executor['sequential']['median_s'] / r['median_s']:.2f}x"
+            ratio = r["samples_per_s"] / plain["plain_b640_samples_per_s"]
+            print(f"{algorithm:<10} {executor:<11} {r['median_s']:8.3f} {min(r['seconds']):7.3f} "
+                  f"{max(r['seconds']):7.3f} {r['warmup_s']:8.2f} {r['samples_per_s']:10.0f} "
+                  f"{r['peak_rss_mb']:11.0f} {speedup:>8} {ratio:12.2f}x", flush=True)
+            rows.append(r)
+    first = rows[0]
+    print(f"setting: {first['clients_per_round']} clients/round, batch {first['batch_size']}, "
+          f"median of {args.rounds} timed rounds after 1 warm-up, torch threads {first['threads']}, "
+          f"readjustment rounds among the timed ones: "
+          + ", ".join(f"{r['algorithm']}/{r['executor']}={r['readjust_rounds']}" for r in rows))
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+          f"wall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
