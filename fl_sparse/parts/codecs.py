@@ -237,8 +237,9 @@ class FreezeAware(CommCodec):
         missing = [name for name in frozen if name not in link.frozen_values]
         if missing:
             raise ValueError(f"link.frozen_values lacks frozen tensors {missing}")
-        masks = {name: torch.from_numpy(_bool_numpy(mask) & ~_bool_numpy(frozen[name])) if name in frozen else mask
-                 for name, mask in message.masks.items()}
+        # np.asarray: on 0-d arrays numpy operators return scalars, which torch.from_numpy refuses.
+        masks = {name: torch.from_numpy(np.asarray(_bool_numpy(mask) & ~_bool_numpy(frozen[name])))
+                 if name in frozen else mask for name, mask in message.masks.items()}
         frozen_part = Message(tensors={name: link.frozen_values[name] for name in frozen}, masks=frozen)
         return Message(tensors=dict(message.tensors), masks=masks), frozen_part
 
@@ -306,7 +307,7 @@ class FreezeAware(CommCodec):
             values = frozen_values[name].to(dtype=sent.dtype)
             merged_bits = np.where(frozen_np, _bits_numpy(values), _bits_numpy(sent))  # bitwise copy
             tensors[name] = torch.from_numpy(merged_bits).view(sent.dtype)
-            masks[name] = torch.from_numpy(sent_mask_np | frozen_np)
+            masks[name] = torch.from_numpy(np.asarray(sent_mask_np | frozen_np))
         return Message(tensors=tensors, masks=masks)
 
     def state_dict(self) -> dict[str, int]:
