@@ -14,7 +14,7 @@ $(BIN)/fl-sparse: pyproject.toml
 install: $(BIN)/fl-sparse
 
 demo: install
-	cd $(CURDIR) && HF_HUB_OFFLINE=1 $(BIN)/fl-sparse run pffdst --rounds 6 --bind 'TwoStage.readjust_every=1'
+	HF_HUB_OFFLINE=1 $(BIN)/fl-sparse run pffdst demo --rounds 40 --bind 'TwoStage.readjust_every=5'
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
@@ -24,3 +24,6 @@ test-slow: install
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns .pytest_cache .hypothesis
+
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/properties/test_codec_fuzz.py
