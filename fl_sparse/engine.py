@@ -47,8 +47,8 @@ class Simulation:
     def __init__(self, experiment: Experiment):
         self.experiment = exp = experiment
         self.device = exp.torch_device
-        self.data = exp.dataset.load(exp.num_clients, exp.dirichlet_alpha, exp.data_seed).to(self.device)
-        torch.manual_seed(int(generator(exp.seed, "init").initial_seed()))
+        self.data = exp.dataset.load(exp.num_clients, exp.dirichlet_alpha, exp.stream_seed("partition")).to(self.device)
+        torch.manual_seed(int(generator(exp.stream_seed("init"), "init").initial_seed()))
         self.model = exp.model(self.data.num_classes).to(self.device)
         exp.mask_policy.setup(self.model, exp.schedule)
         self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
@@ -65,7 +65,7 @@ class Simulation:
 
     def sample_clients(self, round: int) -> list[int]:
         exp = self.experiment
-        order = torch.randperm(exp.num_clients, generator=generator(exp.seed, "sampling", round))
+        order = torch.randperm(exp.num_clients, generator=generator(exp.stream_seed("sampling"), "sampling", round))
         return sorted(order[:exp.clients_per_round].tolist())
 
     def _link(self, state: ServerState, direction: str, client: int) -> Link:

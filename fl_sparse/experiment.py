@@ -42,7 +42,9 @@ class Experiment:
     eval_every: int = 1
     budget_gb: float | None = None  # stop before the measured up+down bytes would exceed this
     seed: int = 0
-    partition_seed: int | None = None  # None: derived from seed
+    partition_seed: int | None = None  # each None falls back to ``seed`` (streams differ anyway)
+    init_seed: int | None = None
+    sampling_seed: int | None = None
     device: str = "auto"
     schedule: SparsitySchedule = dataclasses.field(default_factory=lambda: Constant(0.0))
     mask_policy: MaskPolicy = dataclasses.field(default_factory=NoMask)
@@ -82,6 +84,7 @@ class Experiment:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    @property
-    def data_seed(self) -> int:
-        return self.seed if self.partition_seed is None else self.partition_seed
+    def stream_seed(self, stream: str) -> int:
+        """The seed of one random stream: partition, model init, or client sampling; the rest use ``seed``."""
+        override = {"partition": self.partition_seed, "init": self.init_seed, "sampling": self.sampling_seed}.get(stream)
+        return self.seed if override is None else override

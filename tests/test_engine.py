@@ -51,3 +51,17 @@ def test_fedavg_learns_on_the_embedded_data():
     from fl_sparse.training import evaluate
 
     assert evaluate(sim.model, state.weights, sim.data)["test_accuracy"] > 0.2  # chance is 0.1
+
+
+def test_partition_init_and_sampling_seeds_are_separate():
+    base = simulation("fedavg", "Experiment.seed = 3", rounds=1)
+    moved = simulation("fedavg", "Experiment.seed = 3", "Experiment.sampling_seed = 9", rounds=1)
+    assert [c.tolist() for c in base.data.client_train] == [c.tolist() for c in moved.data.client_train]
+    assert torch.equal(base.initial_state().weights["fc1.weight"], moved.initial_state().weights["fc1.weight"])
+    assert [base.sample_clients(r) for r in range(1, 6)] != [moved.sample_clients(r) for r in range(1, 6)]
+    repartitioned = simulation("fedavg", "Experiment.seed = 3", "Experiment.partition_seed = 9", rounds=1)
+    assert [c.tolist() for c in base.data.client_train] != [c.tolist() for c in repartitioned.data.client_train]
+    assert torch.equal(base.initial_state().weights["fc1.weight"], repartitioned.initial_state().weights["fc1.weight"])
+    reinit = simulation("fedavg", "Experiment.seed = 3", "Experiment.init_seed = 9", rounds=1)
+    assert not torch.equal(base.initial_state().weights["fc1.weight"], reinit.initial_state().weights["fc1.weight"])
+    assert [base.sample_clients(r) for r in range(1, 6)] == [reinit.sample_clients(r) for r in range(1, 6)]
