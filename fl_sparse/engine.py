@@ -71,38 +71,47 @@ class Simulation:
     def _link(self, state: ServerState, direction: str, client: int) -> Link:
         return Link(direction, client, state.frozen, state.weights, state.freeze_version)
 
+    def _send_down(self, state: ServerState, clients: list[int]) -> tuple[list[ClientTask], int]:
+        """Each client's view of the global model, as decoded from the bytes it received."""
+        exp, tasks, sent = self.experiment, [], 0
+        for client in clients:
+            link = self._link(state, "down", client)
+            payload = exp.downlink_codec.encode(Message(state.weights, state.mask), link)
+            sent += len(payload)
+            received = exp.downlink_codec.decode(payload, link)
+            tasks.append(ClientTask(client, received.tensors, received.masks, state.frozen,
+                                    self.data.client_train[client], exp.seed, state.round + 1))
+        return tasks, sent
+
+    def _receive_up(self, state: ServerState, results: list[ClientResult]) -> tuple[list[ClientResult], int]:
+        """The client updates as the server decodes them; bad ones are rejected with a warning."""
+        exp, uploads, received_bytes, r = self.experiment, [], 0, state.round + 1
+        for result in results:
+            link = self._link(state, "up", result.client_id)
+            try:
+                payload = exp.uplink_codec.encode(Message(result.weights, result.mask), link)
+                received_bytes += len(payload)
+                received = exp.uplink_codec.decode(payload, link)
+            except ValueError as error:  # PayloadError, or a message the codec cannot even encode
+                warnings.warn(f"round {r}: client {result.client_id} rejected: {error}", stacklevel=3)
+                continue
+            upload = dataclasses.replace(result, weights=received.tensors, mask=received.masks)
+            problem = _invalid_update(upload, state.weights)
+            if problem:
+                warnings.warn(f"round {r}: client {result.client_id} rejected: {problem}", stacklevel=3)
+                continue
+            uploads.append(upload)
+        return uploads, received_bytes
+
     def play_round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
         exp, r = self.experiment, state.round + 1
         ctx = RoundContext(exp.schedule.phase(r), generator(exp.seed, "mask", r))
         clients = self.sample_clients(r)
         started = time.perf_counter()
 
-        tasks, down_bytes = [], 0
-        for client in clients:
-            link = self._link(state, "down", client)
-            payload = exp.downlink_codec.encode(Message(state.weights, state.mask), link)
-            down_bytes += len(payload)
-            received = exp.downlink_codec.decode(payload, link)
-            tasks.append(ClientTask(client, received.tensors, received.masks, state.frozen,
-                                    self.data.client_train[client], exp.seed, r))
+        tasks, down_bytes = self._send_down(state, clients)
         results = exp.executor.train(self.job, tasks, ctx)
-
-        uploads, up_bytes = [], 0
-        for result in results:
-            link = self._link(state, "up", result.client_id)
-            try:
-                payload = exp.uplink_codec.encode(Message(result.weights, result.mask), link)
-                up_bytes += len(payload)
-                received = exp.uplink_codec.decode(payload, link)
-            except ValueError as error:  # PayloadError, or a message the codec cannot even encode
-                warnings.warn(f"round {r}: client {result.client_id} rejected: {error}", stacklevel=2)
-                continue
-            upload = dataclasses.replace(result, weights=received.tensors, mask=received.masks)
-            problem = _invalid_update(upload, state.weights)
-            if problem:
-                warnings.warn(f"round {r}: client {result.client_id} rejected: {problem}", stacklevel=2)
-                continue
-            uploads.append(upload)
+        uploads, up_bytes = self._receive_up(state, results)
 
         flops = sum(accounting.training_flops(self.macs, task.mask, task.frozen, len(task.indices) * exp.local_epochs)
                     for task in tasks)
