@@ -67,8 +67,8 @@ def latest(directory: Path) -> Path:
     return checkpoints[-1]
 
 
-def load(path: Path, device) -> tuple[ServerState, dict]:
-    """Read and verify a checkpoint; raises :class:`CheckpointError` naming what is wrong."""
+def load(path: Path) -> tuple[ServerState, dict]:
+    """Read and verify a checkpoint (tensors on the CPU); raises :class:`CheckpointError` naming what is wrong."""
     try:
         meta = json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as error:
@@ -80,7 +80,7 @@ def load(path: Path, device) -> tuple[ServerState, dict]:
     if not tensor_file.is_file() or _sha256(tensor_file) != meta.get("tensors_sha256"):
         raise CheckpointError(f"checkpoint {path} is truncated or modified (tensor checksum mismatch); "
                               "remove it to resume from the previous one")
-    tensors = {k: v.to(device) for k, v in load_file(str(tensor_file)).items()}
+    tensors = load_file(str(tensor_file))
 
     def group(prefix: str) -> dict:
         return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
@@ -110,7 +110,7 @@ class Checkpointer:
 def read(directory: Path, config_text: str) -> tuple[ServerState, dict]:
     """Load and verify the newest checkpoint in ``directory`` (on the CPU), before any data is loaded."""
     path = latest(directory)
-    state, meta = load(path, "cpu")
+    state, meta = load(path)
     if meta.get("config") != config_text:
         raise CheckpointError(f"checkpoint {path} was written by a different configuration; resume with "
                               "the same algorithm, presets and flags as the interrupted run")

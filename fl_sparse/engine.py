@@ -12,6 +12,7 @@ import torch
 from fl_sparse import accounting
 from fl_sparse.experiment import Experiment
 from fl_sparse.interfaces import ClientResult, Link, Message, RoundContext, Tensors
+from fl_sparse.sparse.mask_ops import apply_mask
 from fl_sparse.training import ClientTask, TrainingJob, evaluate, generator
 
 
@@ -59,9 +60,7 @@ class Simulation:
     def initial_state(self) -> ServerState:
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         mask = self.experiment.mask_policy.initial_mask(weights, generator(self.experiment.seed, "mask", 0))
-        weights = {name: (torch.where(mask[name], w, torch.zeros_like(w)) if name in mask else w)
-                   for name, w in weights.items()}
-        return ServerState(weights, mask, {})
+        return ServerState(apply_mask(weights, mask), mask, {})
 
     def sample_clients(self, round: int) -> list[int]:
         exp = self.experiment
