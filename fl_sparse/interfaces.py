@@ -189,8 +189,10 @@ class ClientOptimizer(abc.ABC):
     @abc.abstractmethod
     def step(self, params: Tensors, grads: Tensors, state: Tensors,
              trainable: Tensors) -> tuple[Tensors, Tensors]:
-        """One update. Coordinates where ``trainable`` is False come back bitwise unchanged, and so
-        does their optimiser state (masked weights stay exactly zero, frozen weights stay frozen)."""
+        """One update. ``trainable`` holds, for masked tensors, 1 where a coordinate may change and 0
+        elsewhere (bool, or 0/1 in the parameters' dtype, which is faster to multiply by). Coordinates at 0
+        keep their value (+0.0 bitwise; a -0.0 may become +0.0) and the optimiser state ``init`` gave
+        them: masked weights stay exactly zero, frozen weights stay frozen."""
 
 
 class ClientExecutor(abc.ABC):

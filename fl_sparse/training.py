@@ -86,7 +86,7 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
     params, buffers = job.split(task.weights)
     buffers = {name: b.clone() for name, b in buffers.items()}  # BatchNorm updates running stats in place
     global_params = {name: p.detach() for name, p in params.items()}
-    allowed = trainable(task.mask, task.frozen)
+    allowed = {name: gate.to(params[name].dtype) for name, gate in trainable(task.mask, task.frozen).items()}
     state = job.optimizer.init(params)
     step = grad_and_value(job.loss_fn)
     losses = []

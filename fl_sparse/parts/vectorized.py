@@ -124,11 +124,12 @@ def _stack(dicts: list[Tensors]) -> Tensors:
 
 
 def _stacked_trainable(tasks: list[ClientTask], params: Tensors) -> Tensors:
-    """``mask & ~frozen`` per client, stacked; a name masked for some clients only is all-True elsewhere."""
+    """``mask & ~frozen`` per client as 0/1 in the parameters' dtype, stacked; a name masked for some
+    clients only is all-ones elsewhere."""
     per_client = [trainable(task.mask, task.frozen) for task in tasks]
     names = sorted(set().union(*per_client), key=list(params).index)
     return {name: torch.stack([allowed.get(name, torch.ones_like(params[name][0], dtype=torch.bool))
-                               for allowed in per_client]) for name in names}
+                               for allowed in per_client]).to(params[name].dtype) for name in names}
 
 
 def _padded_batches(batches: list[list[torch.Tensor]], fill: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
