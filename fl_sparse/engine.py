@@ -73,11 +73,17 @@ class Simulation:
     def _send_down(self, state: ServerState, clients: list[int]) -> tuple[list[ClientTask], int]:
         """Each client's view of the global model, as decoded from the bytes it received."""
         exp, tasks, sent = self.experiment, [], 0
+        broadcast = None  # (bytes, decoded) of a payload that is the same for every client
         for client in clients:
             link = self._link(state, "down", client)
-            payload = exp.downlink_codec.encode(Message(state.weights, state.mask), link)
-            sent += len(payload)
-            received = exp.downlink_codec.decode(payload, link)
+            if broadcast is None:
+                payload = exp.downlink_codec.encode(Message(state.weights, state.mask), link)
+                size, received = len(payload), exp.downlink_codec.decode(payload, link)
+                if exp.downlink_codec.same_for_every_client(link):
+                    broadcast = size, received  # clients never modify what they receive in place
+            else:
+                size, received = broadcast
+            sent += size
             tasks.append(ClientTask(client, received.tensors, received.masks, state.frozen,
                                     self.data.client_train[client], exp.seed, state.round + 1))
         return tasks, sent

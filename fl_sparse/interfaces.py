@@ -162,6 +162,11 @@ class CommCodec(abc.ABC):
     @abc.abstractmethod
     def decode(self, payload: bytes, link: Link) -> Message: ...
 
+    def same_for_every_client(self, link: Link) -> bool:
+        """True when the bytes depend on the message alone, not on who receives them, so a broadcast can
+        be encoded once and counted once per client. The safe default is False."""
+        return False
+
     def state_dict(self) -> dict:
         """JSON-serialisable state (e.g. which clients already hold the frozen part), for checkpoints."""
         return {}

@@ -467,3 +467,20 @@ def test_encode_rejects_inconsistent_messages():
         AutoSparse().encode(Message({"c": torch.ones(2, dtype=torch.complex64)}, {}), UP)
     with pytest.raises(ConfigError):
         expected_size(tiny_message(), "zip")
+
+
+@pytest.mark.parametrize("codec_cls", ALL_CODECS)
+@pytest.mark.parametrize("freeze_version", [0, 1])
+def test_a_codec_that_claims_one_payload_for_every_client_gives_every_client_the_same_bytes(codec_cls,
+                                                                                              freeze_version):
+    message = model_message(0.4)
+    codec = codec_cls()
+    links = [frozen_link("down", client, message, version=freeze_version) if freeze_version
+             else Link("down", client, {}, {}, 0) for client in range(3)]
+    payloads = [codec.encode(message, link) for link in links]
+    claims = [codec.same_for_every_client(link) for link in links]
+    assert len(set(claims)) == 1
+    if claims[0]:
+        assert len(set(payloads)) == 1
+    # FreezeAware after freezing owes each client the frozen part once: its payloads are per client.
+    assert claims[0] == (codec_cls is not FreezeAware or freeze_version == 0)

@@ -65,3 +65,30 @@ def test_partition_init_and_sampling_seeds_are_separate():
     reinit = simulation("fedavg", "Experiment.seed = 3", "Experiment.init_seed = 9", rounds=1)
     assert not torch.equal(base.initial_state().weights["fc1.weight"], reinit.initial_state().weights["fc1.weight"])
     assert [base.sample_clients(r) for r in range(1, 6)] == [reinit.sample_clients(r) for r in range(1, 6)]
+
+
+def test_a_broadcast_payload_is_encoded_once_and_counted_per_client(monkeypatch):
+    """The downlink codec's shared payload must give the same round as encoding for every client."""
+    from fl_sparse.parts.codecs import SparseBitmask
+
+    def one_round(shared: bool):
+        monkeypatch.setattr(SparseBitmask, "same_for_every_client", lambda self, link: shared)
+        sim = simulation("feddst", "Experiment.downlink_codec = @SparseBitmask()", rounds=1)
+        encodes = []
+        original = SparseBitmask.encode
+
+        def counting_encode(self, message, link):
+            encodes.append(link)
+            return original(self, message, link)
+
+        monkeypatch.setattr(SparseBitmask, "encode", counting_encode)
+        [(_, state, metrics)] = play(sim)
+        monkeypatch.setattr(SparseBitmask, "encode", original)
+        return state, metrics, len(encodes)
+
+    state_once, metrics_once, encodes_once = one_round(True)
+    state_each, metrics_each, encodes_each = one_round(False)
+    assert encodes_each == encodes_once + 2  # 3 clients per round in the tiny setting
+    per_client = metrics_once["downlink_bytes_per_client"]
+    assert metrics_once["downlink_bytes"] == metrics_each["downlink_bytes"] == 3 * per_client
+    assert all(torch.equal(state_once.weights[k], state_each.weights[k]) for k in state_once.weights)

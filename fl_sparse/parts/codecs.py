@@ -137,6 +137,9 @@ class _LayoutCodec(CommCodec):
         return fmt.decode_message(payload, self.codec_id, self._float_wire, self.masked_encodings,
                                   self.max_elements)
 
+    def same_for_every_client(self, link: Link) -> bool:
+        return True
+
     def closed_form_size(self, message: Message) -> int:
         """Exact ``len(self.encode(message, link))``; see :func:`expected_size`."""
         return expected_size(message, self.layout, self.dtype)
@@ -242,6 +245,9 @@ class FreezeAware(CommCodec):
                  if name in frozen else mask for name, mask in message.masks.items()}
         frozen_part = Message(tensors={name: link.frozen_values[name] for name in frozen}, masks=frozen)
         return Message(tensors=dict(message.tensors), masks=masks), frozen_part
+
+    def same_for_every_client(self, link: Link) -> bool:
+        return link.freeze_version == 0 and self.inner.same_for_every_client(link)
 
     def _owes_frozen_part(self, link: Link) -> bool:
         return link.direction == "down" and self._delivered.get(link.client_id) != link.freeze_version
