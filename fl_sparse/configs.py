@@ -68,10 +68,25 @@ def bindings_as_params() -> dict[str, str]:
     """Every gin binding in force, as flat ``Configurable.param`` -> value strings (MLflow params)."""
     params = {}
     for (scope, selector), values in gin.config._CONFIG.items():  # gin has no public iterator for this
+        if selector == "gin.macro":  # ROUNDS = 200 is stored as gin.macro.value in scope ROUNDS
+            params[f"macros/{scope}"] = _resolved(values["value"])
+            continue
         prefix = f"{scope}/{selector}" if scope else selector
         for param, value in values.items():
-            params[f"{prefix.split('.')[-1]}.{param}"] = str(value)[:500]
+            params[f"{prefix.split('.')[-1]}.{param}"] = _resolved(value)
     return params
+
+
+def _resolved(value) -> str:
+    """The value as text, with a macro reference (``%ROUNDS``) replaced by what it stands for, so that
+    runs can be compared and filtered on numbers rather than on macro names."""
+    text = str(value)
+    if text.startswith("%"):
+        try:
+            text = str(gin.query_parameter(text))
+        except (ValueError, KeyError):  # an unbound macro: keep the reference
+            pass
+    return text[:500]
 
 
 def registered_parts() -> dict[str, list[str]]:

@@ -77,3 +77,13 @@ def test_table_presets_give_each_family_its_equal_budget_rounds():
     assert rounds["pffdst"] == rounds["pffdst_wo_smr"] == 350
     configs.parse("pffdst", ["table1_16gb"], ["DATA_DIR = '/unused'"])
     assert Experiment().rounds == 1400 and Experiment().budget_gb == pytest.approx(4 * 5.7949, abs=1e-3)
+
+
+def test_params_name_every_macro_and_resolve_macro_references():
+    configs.parse("pffdst", ["table1_4gb"], ["DATA_DIR = '/unused'"])
+    params = configs.bindings_as_params()
+    assert params["macros/ROUNDS"] == "200" and params["macros/PFFDST_ROUNDS"] == "350"
+    assert params["macros/SPARSITY"] == "0.8"
+    assert params["Experiment.rounds"] == params["TwoStage.rounds"] == "350"  # not "%PFFDST_ROUNDS"
+    assert params["TwoStage.sparsity"] == "0.8"
+    assert "macro.value" not in params
