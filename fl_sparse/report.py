@@ -24,13 +24,29 @@ PAPER_TABLE1 = {
     "feddst_fedprox": {"4gb": 33.03, "8gb": 43.18, "12gb": 46.66, "16gb": 49.69},
     "pffdst": {"4gb": 39.21, "8gb": 47.35, "12gb": 48.55, "16gb": 55.87},
 }
-ORDER = ["fedavg", "fedavgm", "fedprox", "random_mask", "feddst", "feddst_fedprox", "pffdst_wo_pf",
-         "pffdst_wo_smr", "pffdst"]
+# Rows in the paper's order, with the names the paper uses.
+METHODS = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedprox": "FedProx", "random_mask": "RandomMask",
+           "feddst": "FedDST", "feddst_fedprox": "FedDST+FedProx", "pffdst": "PFFDST",
+           "pffdst_wo_pf": "PFFDST w/o PF", "pffdst_wo_smr": "PFFDST w/o SMR"}
+TAIL = 10  # evaluations averaged for the "last 10" column: one evaluation is a noisy draw
 
 
 def _column(presets: str) -> str:
     match = re.search(r"table1_(\d+gb)", presets or "")
     return match.group(1) if match else "-"
+
+
+def summarize(history: dict[str, list[tuple[int, float]]]) -> dict:
+    """Per-run numbers from metric histories {key: [(round, value)]}: best, final and mean of the last
+    ``TAIL`` evaluations of both accuracy kinds (in %), the last cumulative GB and FLOPs, and the rounds."""
+    summary = {"history": history, "rounds": max(step for step, _ in history["cumulative_gb"])}
+    for kind in ("test_accuracy", "local_accuracy"):
+        values = [value for _, value in sorted(history[kind])]
+        summary[f"best_{kind}"], summary[f"final_{kind}"] = 100 * max(values), 100 * values[-1]
+        summary[f"last{TAIL}_{kind}"] = 100 * statistics.mean(values[-TAIL:])
+    summary["gb"] = sorted(history["cumulative_gb"])[-1][1]
+    summary["flops"] = sorted(history["cumulative_flops"])[-1][1]
+    return summary
 
 
 def collect(uri: str, experiment_name: str) -> dict[tuple[str, str], list[dict]]:
@@ -47,13 +63,10 @@ def collect(uri: str, experiment_name: str) -> dict[tuple[str, str], list[dict]]
                    for key in ("test_accuracy", "local_accuracy", "cumulative_gb", "cumulative_flops")}
         if not history["test_accuracy"]:
             continue
-        summary = {"run_id": run.info.run_id, "seed": run.data.params.get("Experiment.seed", "0"),
-                   "history": history, "rounds": max(step for step, _ in history["cumulative_gb"])}
-        for kind in ("test_accuracy", "local_accuracy"):
-            values = [value for _, value in sorted(history[kind])]
-            summary[f"best_{kind}"], summary[f"final_{kind}"] = 100 * max(values), 100 * values[-1]
-        summary["gb"] = sorted(history["cumulative_gb"])[-1][1]
-        summary["flops"] = sorted(history["cumulative_flops"])[-1][1]
+        summary = summarize(history)
+        planned = run.data.params.get("Experiment.rounds", "")
+        summary.update(run_id=run.info.run_id, seed=run.data.params.get("Experiment.seed", "0"),
+                       planned=int(planned) if planned.isdigit() else None)
         groups[(run.data.tags.get("algorithm", "?"), _column(run.data.tags.get("presets", "")))].append(summary)
     if not groups:
         raise ConfigError(f"no finished runs with evaluations in experiment {experiment_name!r} at {uri}")
@@ -66,27 +79,55 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _sorted_groups(groups: dict[tuple[str, str], list[dict]]) -> list[tuple[tuple[str, str], list[dict]]]:
+    order = list(METHODS)
+    rank = lambda key: (order.index(key[0]) if key[0] in order else len(order), key[0], key[1])  # noqa: E731
+    return sorted(groups.items(), key=lambda item: rank(item[0]))
+
+
+def _rounds(runs: list[dict]) -> str:
+    text = _mean_std([float(r["rounds"]) for r in runs], 0)
+    planned = {r["planned"] for r in runs}
+    if len(planned) == 1 and None not in planned and planned != {max(r["rounds"] for r in runs)}:
+        text += f" of {planned.pop()}"
+    return text
+
+
 def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
     lines = ["| method | budget | seeds | best local acc. % | best test acc. % | final local acc. % | "
-             "final test acc. % | paper (best) % | measured GB | FLOPs | rounds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    key = lambda item: (ORDER.index(item[0]) if item[0] in ORDER else len(ORDER), item[0], item[1])  # noqa: E731
-    for (algorithm, column), runs in sorted(groups.items(), key=lambda kv: key(kv[0])):
+             f"final test acc. % | last {TAIL} test acc. % | paper (best) % | measured GB | FLOPs | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (algorithm, column), runs in _sorted_groups(groups):
         paper = PAPER_TABLE1.get(algorithm, {}).get(column)
         lines.append("| " + " | ".join([
-            algorithm, column, str(len(runs)),
+            METHODS.get(algorithm, algorithm), column.replace("gb", " GB"), str(len(runs)),
             _mean_std([r["best_local_accuracy"] for r in runs]), _mean_std([r["best_test_accuracy"] for r in runs]),
             _mean_std([r["final_local_accuracy"] for r in runs]), _mean_std([r["final_test_accuracy"] for r in runs]),
+            _mean_std([r[f"last{TAIL}_test_accuracy"] for r in runs]),
             "-" if paper is None else f"{paper:.2f}",
             _mean_std([r["gb"] for r in runs], 3), f"{statistics.mean(r['flops'] for r in runs):.3g}",
-            _mean_std([float(r["rounds"]) for r in runs], 0)]) + " |")
-    lines += ["", "*best*: the highest evaluated accuracy over all rounds, as the paper reports it; it picks the "
-              "round on the test set, so read it as an optimistic bound. *final*: the last evaluated round. "
+            _rounds(runs)]) + " |")
+    lines += ["", "Mean ± sample std over seeds. *best*: the highest evaluated accuracy over all rounds, as the "
+              "paper reports it; it picks the round on the test set, so read it as an optimistic bound. "
+              "*final*: the last evaluated round. "
+              f"*last {TAIL}*: the mean of the last {TAIL} evaluations, less noisy than one round. "
               "*local acc.*: unweighted mean over clients of the accuracy on each client's local test split "
               "(the reference code's metric, the one the paper's table reports); *test acc.*: the full "
               "10,000-image CIFAR-10 test set. GB and FLOPs are measured from the encoded payloads and the "
-              "masks of each run, not estimated."]
+              "masks of each run, not estimated. *rounds*: rounds played; \"of N\" when the communication "
+              "budget stopped a run before its planned N rounds."]
     return "\n".join(lines) + "\n"
+
+
+def seed_mean_curve(runs: list[dict], x_key: str, window: int = TAIL) -> list[tuple[float, float]]:
+    """(x, accuracy %) averaged over seeds at each round evaluated in every seed, then smoothed by a
+    moving average over ``window`` evaluations (single evaluations swing by several points)."""
+    per_run = [(dict(r["history"][x_key]), dict(r["history"]["local_accuracy"])) for r in runs]
+    rounds = sorted(set.intersection(*(set(acc) & set(x_at) for x_at, acc in per_run)))
+    xs = [statistics.mean(x_at[step] for x_at, _ in per_run) for step in rounds]
+    ys = [100 * statistics.mean(acc[step] for _, acc in per_run) for step in rounds]
+    smooth = [statistics.mean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+    return list(zip(xs, smooth))
 
 
 def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
@@ -101,13 +142,12 @@ def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
     for x_key, label, name in [("cumulative_gb", "cumulative communication (GB, measured)", "accuracy_vs_gb.png"),
                                ("cumulative_flops", "cumulative training FLOPs", "accuracy_vs_flops.png")]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (algorithm, column), runs in sorted(groups.items()):
-            run = min(runs, key=lambda r: r["seed"])  # one seed per line keeps the curves readable
-            x_at = dict(run["history"][x_key])
-            points = sorted((x_at[step], 100 * acc) for step, acc in run["history"]["local_accuracy"] if step in x_at)
-            ax.plot(*zip(*points), label=f"{algorithm} ({column}, seed {run['seed']})")
+        for (algorithm, column), runs in _sorted_groups(groups):
+            points = seed_mean_curve(runs, x_key)
+            if points:
+                ax.plot(*zip(*points), label=f"{METHODS.get(algorithm, algorithm)} ({column}, {len(runs)} seeds)")
         ax.set_xlabel(label)
-        ax.set_ylabel("mean client-local test accuracy (%)")
+        ax.set_ylabel(f"local test accuracy (%), seed mean,\nmoving average of {TAIL} evaluations")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -99,7 +99,7 @@ def test_report_writes_a_table_and_two_plots_from_mlflow_runs(tmp_path, monkeypa
         assert main(["run", algorithm, "--rounds", "2", "--seed", seed, *FAST]) == 0
     assert main(["report", "out"]) == 0
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| fedavg | - | 2 |" in table and "| pffdst | - | 1 |" in table, table
+    assert "| FedAvg | - | 2 |" in table and "| PFFDST | - | 1 |" in table, table
     assert "best" in table and "local acc." in table and "test acc." in table
     for plot in ["accuracy_vs_gb.png", "accuracy_vs_flops.png"]:
         assert (tmp_path / "out" / plot).read_bytes()[:4] == b"\x89PNG"

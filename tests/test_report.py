@@ -1,0 +1,41 @@
+"""The numbers `fl-sparse report` derives from metric histories (the MLflow side is in test_cli)."""
+
+import pytest
+
+from fl_sparse.report import TAIL, markdown_table, seed_mean_curve, summarize
+
+
+def history(accuracies, gb_per_round=0.5):
+    rounds = range(1, len(accuracies) + 1)
+    return {"test_accuracy": [(r, a) for r, a in zip(rounds, accuracies)],
+            "local_accuracy": [(r, a - 0.01) for r, a in zip(rounds, accuracies)],
+            "cumulative_gb": [(r, gb_per_round * r) for r in rounds],
+            "cumulative_flops": [(r, 1e9 * r) for r in rounds]}
+
+
+def test_best_final_and_tail_mean_follow_their_definitions():
+    accuracies = [0.1 * (i % 5) for i in range(1, 13)] + [0.3]
+    s = summarize(history(accuracies))
+    assert s["best_test_accuracy"] == pytest.approx(40.0)
+    assert s["final_test_accuracy"] == pytest.approx(30.0)
+    assert s[f"last{TAIL}_test_accuracy"] == pytest.approx(100 * sum(accuracies[-TAIL:]) / TAIL)
+    assert s["final_local_accuracy"] == pytest.approx(29.0)
+    assert s["rounds"] == 13 and s["gb"] == pytest.approx(6.5) and s["flops"] == pytest.approx(13e9)
+
+
+def test_seed_mean_curve_averages_seeds_on_common_rounds_then_smooths():
+    runs = [summarize(history([0.1, 0.2, 0.3, 0.4])), summarize(history([0.3, 0.4, 0.5]))]
+    curve = seed_mean_curve(runs, "cumulative_gb", window=2)
+    # Rounds 1-3 are common; seed means of local accuracy are 19, 29, 39 %; window 2 smooths them.
+    assert [x for x, _ in curve] == pytest.approx([0.5, 1.0, 1.5])
+    assert [y for _, y in curve] == pytest.approx([19.0, 24.0, 34.0])
+
+
+def test_table_orders_methods_as_the_paper_and_marks_budget_stops():
+    runs = {("pffdst", "4gb"): [dict(summarize(history([0.2, 0.4])), planned=350, seed="0")],
+            ("fedavgm", "4gb"): [dict(summarize(history([0.1, 0.2])), planned=2, seed="0"),
+                                 dict(summarize(history([0.3, 0.2])), planned=2, seed="1")]}
+    lines = markdown_table(runs).splitlines()
+    assert lines[2].startswith("| FedAvgM | 4 GB | 2 | 24.00 ± 7.07 | 25.00 ± 7.07 |")
+    assert lines[3].startswith("| PFFDST | 4 GB | 1 |") and "39.21" in lines[3]  # the paper's number
+    assert lines[3].endswith("| 2 of 350 |") and lines[2].endswith("| 2 ± 0 |")
