@@ -52,3 +52,16 @@ def test_sgd_never_moves_untrainable_coordinates():
     assert torch.equal(params["p"][~trainable], p[~trainable])
     assert torch.equal(state["p"][~trainable], torch.zeros(int((~trainable).sum())))
     assert not torch.equal(params["p"][trainable], p[trainable])
+
+
+def test_reference_softmax_is_cross_entropy_of_probabilities_and_shrinks_the_gradient():
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    params = {"w": 3 * torch.randn(5, 3, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+    logits = x @ params["w"]
+    expected = torch.nn.CrossEntropyLoss()(torch.softmax(logits, 1), y)  # what the reference computes
+    for objective in (CrossEntropy(reference_softmax=True), Proximal(0.0, reference_softmax=True)):
+        assert torch.equal(objective.loss(logits, y, params, params), expected)
+    plain = _grads(CrossEntropy(), params, params, x, y)["w"].norm()
+    squashed = _grads(CrossEntropy(reference_softmax=True), params, params, x, y)["w"].norm()
+    assert squashed < 0.5 * plain

@@ -12,8 +12,19 @@ from fl_sparse.interfaces import ClientOptimizer, LocalObjective, Tensors
 
 @gin.configurable
 class CrossEntropy(LocalObjective):
+    """Cross-entropy of the logits.
+
+    ``reference_softmax=True`` is a reference-compatibility switch: the public FedDST/PFFDST LeNet ends in
+    a softmax and then feeds those probabilities to ``nn.CrossEntropyLoss``, i.e. a second softmax. That
+    squashes every gradient and keeps training near chance for many rounds. Use it only to reproduce the
+    reference's numbers; predictions (argmax) are unaffected, so evaluation needs no switch.
+    """
+
+    def __init__(self, reference_softmax: bool = False):
+        self.reference_softmax = reference_softmax
+
     def loss(self, logits, targets, params, global_params):
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(F.softmax(logits, dim=1) if self.reference_softmax else logits, targets)
 
 
 @gin.configurable
@@ -25,8 +36,9 @@ class Proximal(CrossEntropy):
     which made the term a no-op).
     """
 
-    def __init__(self, mu: float = 1.0):
+    def __init__(self, mu: float = 1.0, reference_softmax: bool = False):
         check(mu >= 0, f"Proximal.mu={mu} must be >= 0")
+        super().__init__(reference_softmax)
         self.mu = mu
 
     def loss(self, logits, targets, params, global_params):
