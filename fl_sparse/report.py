@@ -59,11 +59,13 @@ def collect(uri: str, experiment_name: str) -> dict[tuple[str, str], list[dict]]
         raise ConfigError(f"no MLflow experiment {experiment_name!r} at {uri}; pass --tracking-uri / --experiment-name")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=5000):
-        history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        metrics = {key: client.get_metric_history(run.info.run_id, key)
                    for key in ("test_accuracy", "local_accuracy", "cumulative_gb", "cumulative_flops")}
+        history = {key: [(m.step, m.value) for m in values] for key, values in metrics.items()}
         if not history["test_accuracy"]:
             continue
         summary = summarize(history)
+        summary["wall_s"] = active_seconds(run.info.start_time, [m.timestamp for m in metrics["cumulative_gb"]])
         planned = run.data.params.get("Experiment.rounds", "")
         summary.update(run_id=run.info.run_id, seed=run.data.params.get("Experiment.seed", "0"),
                        planned=int(planned) if planned.isdigit() else None)
@@ -71,6 +73,17 @@ def collect(uri: str, experiment_name: str) -> dict[tuple[str, str], list[dict]]
     if not groups:
         raise ConfigError(f"no finished runs with evaluations in experiment {experiment_name!r} at {uri}")
     return groups
+
+
+def active_seconds(start_ms: int, round_ms: list[int]) -> float:
+    """Wall-clock seconds of a run from the times its rounds were logged, without the time it spent
+    interrupted: a gap over 10x the median round (a stop before ``--resume``) counts as one median round."""
+    times = [start_ms, *sorted(round_ms)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    if not gaps:
+        return 0.0
+    typical = statistics.median(gaps)
+    return sum(gap if gap <= 10 * typical else typical for gap in gaps) / 1000
 
 
 def _mean_std(values: list[float], digits: int = 2) -> str:
@@ -95,8 +108,9 @@ def _rounds(runs: list[dict]) -> str:
 
 def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
     lines = ["| method | budget | seeds | best local acc. % | best test acc. % | final local acc. % | "
-             f"final test acc. % | last {TAIL} test acc. % | paper (best) % | measured GB | FLOPs | rounds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"final test acc. % | last {TAIL} test acc. % | paper (best) % | measured GB | FLOPs | rounds | "
+             "wall min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (algorithm, column), runs in _sorted_groups(groups):
         paper = PAPER_TABLE1.get(algorithm, {}).get(column)
         lines.append("| " + " | ".join([
@@ -106,7 +120,7 @@ def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
             _mean_std([r[f"last{TAIL}_test_accuracy"] for r in runs]),
             "-" if paper is None else f"{paper:.2f}",
             _mean_std([r["gb"] for r in runs], 3), f"{statistics.mean(r['flops'] for r in runs):.3g}",
-            _rounds(runs)]) + " |")
+            _rounds(runs), ", ".join(f"{r['wall_s'] / 60:.0f}" for r in runs if "wall_s" in r)]) + " |")
     lines += ["", "Mean ± sample std over seeds. *best*: the highest evaluated accuracy over all rounds, as the "
               "paper reports it; it picks the round on the test set, so read it as an optimistic bound. "
               "*final*: the last evaluated round. "
@@ -115,7 +129,8 @@ def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
               "(the reference code's metric, the one the paper's table reports); *test acc.*: the full "
               "10,000-image CIFAR-10 test set. GB and FLOPs are measured from the encoded payloads and the "
               "masks of each run, not estimated. *rounds*: rounds played; \"of N\" when the communication "
-              "budget stopped a run before its planned N rounds."]
+              "budget stopped a run before its planned N rounds. *wall min*: minutes per seed from start to last "
+              "round, as logged, without time spent interrupted; it depends on what else shared the CPU."]
     return "\n".join(lines) + "\n"
 
 
