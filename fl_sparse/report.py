@@ -100,8 +100,8 @@ def _sorted_groups(groups: dict[tuple[str, str], list[dict]]) -> list[tuple[tupl
 
 def _rounds(runs: list[dict]) -> str:
     text = _mean_std([float(r["rounds"]) for r in runs], 0)
-    planned = {r["planned"] for r in runs}
-    if len(planned) == 1 and None not in planned and planned != {max(r["rounds"] for r in runs)}:
+    planned = {r["planned"] for r in runs if r.get("planned")}  # runs logged before params were resolved lack it
+    if len(planned) == 1 and planned != {max(r["rounds"] for r in runs)}:
         text += f" of {planned.pop()}"
     return text
 
