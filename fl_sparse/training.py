@@ -112,9 +112,10 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, weights: Tensors, data: FederatedData,
-             batch_size: int = 2000) -> dict[str, float]:
+             batch_size: int = 500) -> dict[str, float]:
     """Accuracy on the whole test set, and the unweighted mean over clients of each client's accuracy
-    on its local test split (the reference code's "accuracy"), from one batched pass."""
+    on its local test split (the reference code's "accuracy"), from one batched pass. Batches of 500 were
+    faster than 2,000 on a 2-core CPU (cache-resident activations) and cut the peak memory by ~200 MB."""
     was_training = model.training
     model.eval()
     correct, loss_sum = [], 0.0

@@ -11,11 +11,13 @@ Pickles can run code when loaded, so the unpickler only resolves the few numpy n
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -133,10 +135,21 @@ def _class_names(meta_path: Path, key: str, num_classes: int) -> list[str]:
     return names
 
 
-def _splits(train: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray, np.ndarray], num_classes: int,
+def _release_freed_memory() -> None:
+    """Hand the heap freed by unpickling back to the OS. glibc keeps freed chunks of this size in the heap,
+    which left ~180 MB of dead batch copies in the RSS of every CIFAR-10 run; elsewhere this is a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _splits(train: Iterator[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray, np.ndarray], num_classes: int,
             class_names: list[str], path: Path) -> CifarSplits:
-    train_x = np.concatenate([x for x, _ in train])  # one contiguous copy, owned by torch below
-    train_y = np.concatenate([y for _, y in train])
+    images, labels = zip(*train)  # reads the batches: the only references to them are here
+    train_x, train_y = np.concatenate(images), np.concatenate(labels)  # one contiguous copy, owned by torch below
+    del images, labels
+    _release_freed_memory()
     return CifarSplits(torch.from_numpy(train_x), torch.from_numpy(train_y),
                        torch.from_numpy(np.ascontiguousarray(test[0])), torch.from_numpy(test[1]),
                        num_classes, class_names, str(path))
@@ -147,7 +160,7 @@ def load_cifar10(data_dir: str | os.PathLike) -> CifarSplits:
     folder = _find_folder(data_dir, CIFAR10_FOLDER, "data_batch_1", "CIFAR-10", CIFAR10_HINT)
     batches = [f"data_batch_{i}" for i in range(1, 6)]
     _require(folder, batches + ["test_batch"], "CIFAR-10", CIFAR10_HINT)
-    train = [_images_and_labels(folder / b, "labels", 10) for b in batches]
+    train = (_images_and_labels(folder / b, "labels", 10) for b in batches)
     test = _images_and_labels(folder / "test_batch", "labels", 10)
     return _splits(train, test, 10, _class_names(folder / "batches.meta", "label_names", 10), folder)
 
@@ -156,7 +169,7 @@ def load_cifar100(data_dir: str | os.PathLike) -> CifarSplits:
     """CIFAR-100 (fine labels) from ``data_dir`` (the root holding ``cifar-100-python`` or that folder)."""
     folder = _find_folder(data_dir, CIFAR100_FOLDER, "train", "CIFAR-100", CIFAR100_HINT)
     _require(folder, ["train", "test"], "CIFAR-100", CIFAR100_HINT)
-    train = [_images_and_labels(folder / "train", "fine_labels", 100)]
+    train = iter([_images_and_labels(folder / "train", "fine_labels", 100)])
     test = _images_and_labels(folder / "test", "fine_labels", 100)
     return _splits(train, test, 100, _class_names(folder / "meta", "fine_label_names", 100), folder)
 
