@@ -18,7 +18,7 @@ def test_list_shows_the_five_interfaces(capsys):
     out = capsys.readouterr().out
     for interface in ["Aggregator:", "MaskPolicy:", "FreezePolicy:", "CommCodec:", "LocalObjective:"]:
         assert interface in out
-    assert "ServerReadjust(" in out and "Proximal(mu=1.0)" in out
+    assert "ServerReadjust(" in out and "Proximal(mu=1.0, reference_softmax=False)" in out
     assert "pffdst" in out and "cifar10_lenet" in out
 
 
