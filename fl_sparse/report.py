@@ -41,7 +41,9 @@ def summarize(history: dict[str, list[tuple[int, float]]]) -> dict:
     ``TAIL`` evaluations of both accuracy kinds (in %), the last cumulative GB and FLOPs, and the rounds."""
     summary = {"history": history, "rounds": max(step for step, _ in history["cumulative_gb"])}
     for kind in ("test_accuracy", "local_accuracy"):
-        values = [value for _, value in sorted(history[kind])]
+        # A run resumed from a checkpoint logs the rounds after it again; the later value counts.
+        by_round = dict(history[kind])
+        values = [by_round[step] for step in sorted(by_round)]
         summary[f"best_{kind}"], summary[f"final_{kind}"] = 100 * max(values), 100 * values[-1]
         summary[f"last{TAIL}_{kind}"] = 100 * statistics.mean(values[-TAIL:])
     summary["gb"] = sorted(history["cumulative_gb"])[-1][1]

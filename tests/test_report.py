@@ -46,3 +46,9 @@ def test_active_seconds_leaves_out_an_interruption():
     rounds = [start + 5_000 * i for i in range(1, 5)] + [start + 20_000 + 3_600_000 + 5_000 * i for i in range(1, 3)]
     assert active_seconds(start, rounds) == pytest.approx(6 * 5.0)
     assert active_seconds(start, []) == 0.0
+
+
+def test_rounds_logged_twice_by_a_resumed_run_count_once():
+    h = history([0.1, 0.2, 0.3])
+    h["test_accuracy"] = h["test_accuracy"] + [(2, 0.2), (3, 0.3)]  # rounds 2-3 replayed after a resume
+    assert summarize(h)[f"last{TAIL}_test_accuracy"] == pytest.approx(20.0)
