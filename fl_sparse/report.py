@@ -122,7 +122,8 @@ def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
             _mean_std([r[f"last{TAIL}_test_accuracy"] for r in runs]),
             "-" if paper is None else f"{paper:.2f}",
             _mean_std([r["gb"] for r in runs], 3), f"{statistics.mean(r['flops'] for r in runs):.3g}",
-            _rounds(runs), ", ".join(f"{r['wall_s'] / 60:.0f}" for r in runs if "wall_s" in r)]) + " |")
+            _rounds(runs), ", ".join(f"{r['wall_s'] / 60:.0f}" for r in sorted(runs, key=lambda r: r["seed"])
+                                     if "wall_s" in r)]) + " |")
     lines += ["", "Mean ± sample std over seeds. *best*: the highest evaluated accuracy over all rounds, as the "
               "paper reports it; it picks the round on the test set, so read it as an optimistic bound. "
               "*final*: the last evaluated round. "
@@ -131,7 +132,7 @@ def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
               "(the reference code's metric, the one the paper's table reports); *test acc.*: the full "
               "10,000-image CIFAR-10 test set. GB and FLOPs are measured from the encoded payloads and the "
               "masks of each run, not estimated. *rounds*: rounds played; \"of N\" when the communication "
-              "budget stopped a run before its planned N rounds. *wall min*: minutes per seed from start to last "
+              "budget stopped a run before its planned N rounds. *wall min*: minutes per seed (in seed order) from start to last "
               "round, as logged, without time spent interrupted; it depends on what else shared the CPU."]
     return "\n".join(lines) + "\n"
 
