@@ -133,7 +133,8 @@ def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
               "10,000-image CIFAR-10 test set. GB and FLOPs are measured from the encoded payloads and the "
               "masks of each run, not estimated. *rounds*: rounds played; \"of N\" when the communication "
               "budget stopped a run before its planned N rounds. *wall min*: minutes per seed (in seed order) "
-              "from start to last round, as logged, without time spent interrupted; it depends on what else shared the CPU."]
+              "from start to last round, as logged, without time spent interrupted; it depends on what else "
+              "shared the CPU."]
     return "\n".join(lines) + "\n"
 
 
