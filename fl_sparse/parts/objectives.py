@@ -49,7 +49,7 @@ class Proximal(CrossEntropy):
 @gin.configurable
 class SGD(ClientOptimizer):
     """SGD with momentum and (coupled) weight decay, as ``torch.optim.SGD`` computes it, except that
-    coordinates outside ``trainable`` keep their weight and momentum bitwise."""
+    coordinates outside ``trainable`` keep their weight (a -0.0 may become +0.0) and their zero momentum."""
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-3):
         check(lr > 0, f"SGD.lr={lr} must be > 0")
