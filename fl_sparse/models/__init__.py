@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fl_sparse.errors import ConfigError
+from fl_sparse.models.layers import BatchAsChannelsMaxPool2d
 from fl_sparse.models.resnet import ResNet18
 
 
@@ -26,7 +27,7 @@ class LeNet(nn.Module):
         self.fc1 = nn.Linear(16 * 20 * 20, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
-        self.pool = nn.MaxPool2d(3, stride=1)
+        self.pool = BatchAsChannelsMaxPool2d(3, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.pool(self.conv1(x)))
