@@ -10,13 +10,19 @@ median seconds per round, training samples per second (sampled clients' samples 
 time), the worker process's peak RSS and the speed-up over Sequential (``seq/this``: Sequential's seconds
 per round divided by this executor's). Each configuration runs
 in its own process, so peak RSS is per configuration (with ``--quick`` all run in one process and peak
-RSS is the running maximum). In the same run it measures plain PyTorch LeNet
-training (``nn.Module`` + ``torch.optim.SGD``, batch 32 and 640, in-memory normalised tensors) and
-``fl_sparse.training.evaluate`` on the whole test set.
+RSS is the running maximum). In the same run it measures plain PyTorch training of the preset's model
+(``nn.Module`` with stock ``torch.nn`` layers + ``torch.optim.SGD``, batch 32 and 640, in-memory normalised
+tensors) and ``fl_sparse.training.evaluate`` on the whole test set. Where clients fill their batches it
+prints the batching bound: plain batch-640 throughput over Sequential's, the most that training the 20
+clients of a round together could gain if it ran as fast as one plain batch of 640.
+
+``--device cuda`` runs everything on the GPU (timers stop after ``torch.cuda.synchronize``) and adds the
+peak GPU memory; ``auto`` (the default) picks CUDA when present.
 
     .venv/bin/python benchmarks/round_time.py --data-dir /tmp/cifar_root      # the paper's LeNet setting
     .venv/bin/python benchmarks/round_time.py --quick                         # embedded subset, < 1 min
     .venv/bin/python benchmarks/round_time.py --model resnet18 --rounds 5     # ResNet-18 (cifar10_resnet18)
+    .venv/bin/python benchmarks/round_time.py --data-dir /tmp/cifar_root --device cuda --model resnet18
 
 Without ``--data-dir`` the embedded 2,000-image CIFAR-10 subset is used (5 training images per client at
 400 clients, far from the paper's 125); the output says which data was used.
@@ -54,8 +60,18 @@ def _setup_torch(threads: int | None):
     return torch
 
 
+def _synchronize(torch, device) -> None:
+    """Waits for queued GPU work, so that a timer stopped next measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gpu_mb(torch, device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def _bindings(args, executor: str | None = None) -> list[str]:
-    bindings = [f"ROUNDS = {args.total_rounds}", "Experiment.eval_every = 100000"]
+    bindings = [f"ROUNDS = {args.total_rounds}", "Experiment.eval_every = 100000", f"Experiment.device = {args.device!r}"]
     if args.data_dir:
         bindings.append(f"DATA_DIR = {args.data_dir!r}")
     if executor:
@@ -84,8 +100,10 @@ def worker_rounds(args) -> dict:
     for r in range(args.rounds + 1):
         clients = sim.sample_clients(state.round + 1)
         phase = exp.schedule.phase(state.round + 1)
+        _synchronize(torch, sim.device)
         started = time.perf_counter()
         state, _ = sim.play_round(state)
+        _synchronize(torch, sim.device)
         elapsed = time.perf_counter() - started
         if not r:  # round 1 is a warm-up (lazy initialisation, allocator growth, torch.compile)
             warmup = elapsed
@@ -97,26 +115,37 @@ def worker_rounds(args) -> dict:
     return {"algorithm": args.algorithm, "executor": args.executor, "model": args.model,
             "seconds": times, "median_s": median, "warmup_s": warmup, "samples_per_round": statistics.median(samples),
             "samples_per_s": statistics.median(samples) / median, "readjust_rounds": sum(readjust),
-            "peak_rss_mb": _peak_rss_mb(), "data": sim.data.source, "threads": torch.get_num_threads(),
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(torch, sim.device),
+            "device": str(sim.device), "data": sim.data.source, "threads": torch.get_num_threads(),
             "clients_per_round": exp.clients_per_round, "epochs": exp.local_epochs, "batch_size": exp.batch_size}
 
 
+def _with_stock_layers(model):
+    """The model as plain PyTorch would run it: our exact-but-faster layers swapped back for their
+    ``torch.nn`` originals (a subclass adding no state, so changing the class is the whole swap)."""
+    import torch
+    from fl_sparse.models.layers import BatchAsChannelsMaxPool2d
+
+    for module in model.modules():
+        if isinstance(module, BatchAsChannelsMaxPool2d):
+            module.__class__ = torch.nn.MaxPool2d
+    return model
+
+
 def worker_plain(args) -> dict:
-    """Plain PyTorch LeNet training throughput and ``evaluate`` on the full test set."""
+    """Plain PyTorch training throughput of the preset's model, and ``evaluate`` on the full test set."""
     torch = _setup_torch(args.threads)
-    from fl_sparse.models import LeNet
     from fl_sparse.training import evaluate
 
     sim = _simulation(args, "fedavg")
-    data = sim.data
-    n = min(len(data.train_y), 1280 if args.quick else 6400)
-    x = data.normalize(data.train_x[:n])  # in-memory float tensors: no data pipeline in the loop
+    data, device = sim.data, sim.device
+    n = min(len(data.train_y), 1280 if args.quick or args.model != "lenet" else 6400)
+    x = data.normalize(data.train_x[:n])  # in-memory float tensors on the device: no data pipeline in the loop
     y = data.train_y[:n]
     out = {"data": data.source}
     torch.manual_seed(0)
     for batch in (32, 640):
-        model = LeNet(data.num_classes)
-        model.pool = torch.nn.MaxPool2d(3, stride=1)  # plain PyTorch: the stock pool, not our faster exact one
+        model = _with_stock_layers(sim.experiment.model(data.num_classes)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
         loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -130,16 +159,19 @@ def worker_plain(args) -> dict:
         epoch()  # warm-up
         rates = []
         for _ in range(2 if args.quick else 3):
+            _synchronize(torch, device)
             started = time.perf_counter()
             done = epoch()
+            _synchronize(torch, device)
             rates.append(done / (time.perf_counter() - started))
         out[f"plain_b{batch}_samples_per_s"] = statistics.median(rates)
     weights = sim.initial_state().weights
     evaluate(sim.model, weights, data)  # warm-up
     times = []
     for _ in range(3):
+        _synchronize(torch, device)
         started = time.perf_counter()
-        evaluate(sim.model, weights, data)
+        evaluate(sim.model, weights, data)  # returns floats, so it has synchronised by then
         times.append(time.perf_counter() - started)
     out["evaluate_s"] = statistics.median(times)
     out["test_images"] = len(data.test_y)
@@ -152,7 +184,7 @@ def _run_worker(args, kind: str, **extra) -> dict:
         local = argparse.Namespace(**{**vars(args), **extra})
         return worker_rounds(local) if kind == "rounds" else worker_plain(local)
     cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--rounds", str(args.rounds),
-           "--total-rounds", str(args.total_rounds)]
+           "--total-rounds", str(args.total_rounds), "--device", args.device]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     if args.threads:
@@ -192,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--total-rounds", type=int, default=100, help="the ROUNDS macro (schedules depend on it)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)")
     parser.add_argument("--group-size", type=int, default=0, help="Vectorized.group_size (0: whole round)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="Experiment.device for every configuration (auto: CUDA when present)")
     parser.add_argument("--bind", action="append", default=[], help="extra gin binding for every configuration")
     parser.add_argument("--quick", action="store_true",
                         help="2 timed rounds, shorter plain-PyTorch runs, one process (< 1 min on the embedded data)")
@@ -215,12 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     plain = _run_worker(args, "plain")
     print(f"machine: {_cpu_model()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}")
     print(f"data: {plain['data']}  (model {args.model}, preset {PRESETS[args.model]})")
-    print(f"plain PyTorch LeNet training (nn.Module + torch.optim.SGD, in-memory tensors): "
+    print(f"plain PyTorch {args.model} training (nn.Module + torch.optim.SGD, in-memory tensors): "
           f"batch 32: {plain['plain_b32_samples_per_s']:.0f} samples/s, "
           f"batch 640: {plain['plain_b640_samples_per_s']:.0f} samples/s")
     print(f"evaluate() on the full test set ({plain['test_images']} images): {plain['evaluate_s']:.3f} s")
     header = (f"{'algorithm':<10} {'executor':<11} {'s/round':>8} {'min':>7} {'max':>7} {'warm-up':>8} "
-              f"{'samples/s':>10} {'peak RSS MB':>11} {'seq/this':>8} {'vs plain b640':>13}")
+              f"{'samples/s':>10} {'peak RSS MB':>11} {'peak GPU MB':>11} {'seq/this':>8} {'vs plain b640':>13}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -233,13 +267,22 @@ def main(argv: list[str] | None = None) -> None:
             if executor != "sequential" and "sequential" in by_executor:
                 speedup = f"{by_executor['sequential']['median_s'] / r['median_s']:.2f}x"
             ratio = r["samples_per_s"] / plain["plain_b640_samples_per_s"]
+            gpu = f"{r['peak_gpu_mb']:11.0f}" if r["peak_gpu_mb"] is not None else f"{'-':>11}"
             print(f"{algorithm:<10} {executor:<11} {r['median_s']:8.3f} {min(r['seconds']):7.3f} "
                   f"{max(r['seconds']):7.3f} {r['warmup_s']:8.2f} {r['samples_per_s']:10.0f} "
-                  f"{r['peak_rss_mb']:11.0f} {speedup:>8} {ratio:12.2f}x", flush=True)
+                  f"{r['peak_rss_mb']:11.0f} {gpu} {speedup:>8} {ratio:12.2f}x", flush=True)
             rows.append(r)
     first = rows[0]
+    sequential = [r for r in rows if r["executor"] == "sequential"
+                  and r["samples_per_round"] / (r["clients_per_round"] * r["epochs"]) >= r["batch_size"]]
+    if sequential:  # only where clients fill their batches, i.e. not on the embedded subset
+        # Training clients together is at best training one batch of their size: this is the reference bound
+        # for vectorized/sequential, measured on this machine (LeNet: batch 640 = 20 clients x batch 32).
+        print("batching bound, plain b640 samples/s / sequential samples/s: " + ", ".join(
+            f"{r['algorithm']} {plain['plain_b640_samples_per_s'] / r['samples_per_s']:.2f}x" for r in sequential)
+            + f"; plain b640 / b32 = {plain['plain_b640_samples_per_s'] / plain['plain_b32_samples_per_s']:.2f}x")
     print(f"setting: {first['clients_per_round']} clients/round, batch {first['batch_size']}, "
-          f"median of {args.rounds} timed rounds after 1 warm-up, torch threads {first['threads']}, "
+          f"median of {args.rounds} timed rounds after 1 warm-up, device {first['device']}, torch threads {first['threads']}, "
           f"readjustment rounds among the timed ones: "
           + ", ".join(f"{r['algorithm']}/{r['executor']}={r['readjust_rounds']}" for r in rows))
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
