@@ -12,9 +12,11 @@ per round divided by this executor's). Each configuration runs
 in its own process, so peak RSS is per configuration (with ``--quick`` all run in one process and peak
 RSS is the running maximum). In the same run it measures plain PyTorch training of the preset's model
 (``nn.Module`` with stock ``torch.nn`` layers + ``torch.optim.SGD``, batch 32 and 640, in-memory normalised
-tensors) and ``fl_sparse.training.evaluate`` on the whole test set. Where clients fill their batches it
-prints the batching bound: plain batch-640 throughput over Sequential's, the most that training the 20
-clients of a round together could gain if it ran as fast as one plain batch of 640.
+NCHW tensors; "vs plain b640" compares with its batch-640 rate), the same with this library's layers on
+channels-last tensors ("tuned"), and ``fl_sparse.training.evaluate`` on the whole test set. Where clients
+fill their batches it prints the batching bound: the batch-640 throughput of the same model with this library's layers and
+channels-last inputs, over Sequential's. That is what training the 20 clients of a round together would
+gain if it ran as fast as one batch of 640, a reference for the vectorized/sequential ratio.
 
 ``--device cuda`` runs everything on the GPU (timers stop after ``torch.cuda.synchronize``) and adds the
 peak GPU memory; ``auto`` (the default) picks CUDA when present.
@@ -71,7 +73,8 @@ def _peak_gpu_mb(torch, device) -> float | None:
 
 
 def _bindings(args, executor: str | None = None) -> list[str]:
-    bindings = [f"ROUNDS = {args.total_rounds}", "Experiment.eval_every = 100000", f"Experiment.device = {args.device!r}"]
+    bindings = [f"ROUNDS = {args.total_rounds}", "Experiment.eval_every = 100000",
+                f"Experiment.device = {args.device!r}"]
     if args.data_dir:
         bindings.append(f"DATA_DIR = {args.data_dir!r}")
     if executor:
@@ -144,15 +147,21 @@ def worker_plain(args) -> dict:
     y = data.train_y[:n]
     out = {"data": data.source}
     torch.manual_seed(0)
-    for batch in (32, 640):
-        model = _with_stock_layers(sim.experiment.model(data.num_classes)).to(device)
+    from fl_sparse.training import _model_input
+
+    tuned_x = _model_input(data, data.train_x[:n])  # channels-last, as the executors feed the model
+    for variant, batch in (("plain", 32), ("plain", 640), ("tuned", 32), ("tuned", 640)):
+        # plain: stock torch.nn layers on NCHW tensors; tuned: this library's layers on channels-last ones.
+        model = sim.experiment.model(data.num_classes).to(device)
+        model = _with_stock_layers(model) if variant == "plain" else model
+        inputs = x if variant == "plain" else tuned_x
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3)
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def epoch():
             for start in range(0, n - batch + 1, batch):
                 opt.zero_grad(set_to_none=True)
-                loss_fn(model(x[start:start + batch]), y[start:start + batch]).backward()
+                loss_fn(model(inputs[start:start + batch]), y[start:start + batch]).backward()
                 opt.step()
             return (n // batch) * batch
 
@@ -164,7 +173,7 @@ def worker_plain(args) -> dict:
             done = epoch()
             _synchronize(torch, device)
             rates.append(done / (time.perf_counter() - started))
-        out[f"plain_b{batch}_samples_per_s"] = statistics.median(rates)
+        out[f"{variant}_b{batch}_samples_per_s"] = statistics.median(rates)
     weights = sim.initial_state().weights
     evaluate(sim.model, weights, data)  # warm-up
     times = []
@@ -251,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data: {plain['data']}  (model {args.model}, preset {PRESETS[args.model]})")
     print(f"plain PyTorch {args.model} training (nn.Module + torch.optim.SGD, in-memory tensors): "
           f"batch 32: {plain['plain_b32_samples_per_s']:.0f} samples/s, "
-          f"batch 640: {plain['plain_b640_samples_per_s']:.0f} samples/s")
+          f"batch 640: {plain['plain_b640_samples_per_s']:.0f} samples/s; with this library's layers and "
+          f"channels-last inputs: batch 32: {plain['tuned_b32_samples_per_s']:.0f}, "
+          f"batch 640: {plain['tuned_b640_samples_per_s']:.0f} samples/s")
     print(f"evaluate() on the full test set ({plain['test_images']} images): {plain['evaluate_s']:.3f} s")
     header = (f"{'algorithm':<10} {'executor':<11} {'s/round':>8} {'min':>7} {'max':>7} {'warm-up':>8} "
               f"{'samples/s':>10} {'peak RSS MB':>11} {'peak GPU MB':>11} {'seq/this':>8} {'vs plain b640':>13}")
@@ -278,11 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     if sequential:  # only where clients fill their batches, i.e. not on the embedded subset
         # Training clients together is at best training one batch of their size: this is the reference bound
         # for vectorized/sequential, measured on this machine (LeNet: batch 640 = 20 clients x batch 32).
-        print("batching bound, plain b640 samples/s / sequential samples/s: " + ", ".join(
-            f"{r['algorithm']} {plain['plain_b640_samples_per_s'] / r['samples_per_s']:.2f}x" for r in sequential)
-            + f"; plain b640 / b32 = {plain['plain_b640_samples_per_s'] / plain['plain_b32_samples_per_s']:.2f}x")
+        tuned = plain["tuned_b640_samples_per_s"]
+        print("batching bound, tuned b640 samples/s / sequential samples/s: " + ", ".join(
+            f"{r['algorithm']} {tuned / r['samples_per_s']:.2f}x" for r in sequential)
+            + f"; tuned b640 / b32 = {tuned / plain['tuned_b32_samples_per_s']:.2f}x")
     print(f"setting: {first['clients_per_round']} clients/round, batch {first['batch_size']}, "
-          f"median of {args.rounds} timed rounds after 1 warm-up, device {first['device']}, torch threads {first['threads']}, "
+          f"median of {args.rounds} timed rounds after 1 warm-up, device {first['device']}, "
+          f"torch threads {first['threads']}, "
           f"readjustment rounds among the timed ones: "
           + ", ".join(f"{r['algorithm']}/{r['executor']}={r['readjust_rounds']}" for r in rows))
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
