@@ -8,15 +8,16 @@ For each algorithm (FedAvg, FedDST, PFFDST by default) and executor, builds the 
 one untimed warm-up round, then times ``sim.play_round(state)`` for ``--rounds`` rounds and prints the
 median seconds per round, training samples per second (sampled clients' samples x local epochs / round
 time), the worker process's peak RSS and the speed-up over Sequential (``seq/this``: Sequential's seconds
-per round divided by this executor's). Each configuration runs
-in its own process, so peak RSS is per configuration (with ``--quick`` all run in one process and peak
-RSS is the running maximum). In the same run it measures plain PyTorch training of the preset's model
-(``nn.Module`` with stock ``torch.nn`` layers + ``torch.optim.SGD``, batch 32 and 640, in-memory normalised
-NCHW tensors; "vs plain b640" compares with its batch-640 rate), the same with this library's layers on
-channels-last tensors ("tuned"), and ``fl_sparse.training.evaluate`` on the whole test set. Where clients
-fill their batches it prints the batching bound: the batch-640 throughput of the same model with this library's layers and
-channels-last inputs, over Sequential's. That is what training the 20 clients of a round together would
-gain if it ran as fast as one batch of 640, a reference for the vectorized/sequential ratio.
+per round divided by this executor's). Each configuration runs in its own process, so peak RSS is per
+configuration (with ``--quick`` all run in one process and peak RSS is the running maximum).
+
+In the same run it measures plain PyTorch training of the preset's model (``nn.Module`` with stock
+``torch.nn`` layers + ``torch.optim.SGD``, batch 32 and 640, in-memory normalised NCHW tensors; "vs plain
+b640" compares with its batch-640 rate), the same with this library's layers on channels-last tensors
+("tuned"), and ``fl_sparse.training.evaluate`` on the whole test set. Where clients fill their batches it
+prints the batching bound: the tuned batch-640 throughput over Sequential's. That is what training the 20
+clients of a round together would gain if it ran as fast as one batch of 640, a reference for the
+vectorized/sequential ratio.
 
 ``--device cuda`` runs everything on the GPU (timers stop after ``torch.cuda.synchronize``) and adds the
 peak GPU memory; ``auto`` (the default) picks CUDA when present.
