@@ -50,7 +50,8 @@ class Simulation:
         self.device = exp.torch_device
         self.data = exp.dataset.load(exp.num_clients, exp.dirichlet_alpha, exp.stream_seed("partition")).to(self.device)
         torch.manual_seed(int(generator(exp.stream_seed("init"), "init").initial_seed()))
-        self.model = exp.model(self.data.num_classes).to(self.device)
+        model = exp.model(self.data.num_classes)
+        self.model = (exp.reparameterization(model) if exp.reparameterization else model).to(self.device)
         exp.mask_policy.setup(self.model, exp.schedule)
         self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
         self.job = TrainingJob(self.model, self.data, exp.objective, exp.optimizer, exp.mask_policy,

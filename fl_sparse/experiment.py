@@ -34,6 +34,7 @@ class Experiment:
     rounds: int = 10
     dataset: object = dataclasses.field(default_factory=CIFAR10)
     model: Callable[[int], torch.nn.Module] = lenet
+    reparameterization: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. @Powerprop()
     num_clients: int = 20
     clients_per_round: int = 5
     dirichlet_alpha: float = 0.1

@@ -27,7 +27,7 @@ PAPER_TABLE1 = {
 # Rows in the paper's order, with the names the paper uses.
 METHODS = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedprox": "FedProx", "random_mask": "RandomMask",
            "feddst": "FedDST", "feddst_fedprox": "FedDST+FedProx", "pffdst": "PFFDST",
-           "pffdst_wo_pf": "PFFDST w/o PF", "pffdst_wo_smr": "PFFDST w/o SMR"}
+           "pffdst_wo_pf": "PFFDST w/o PF", "pffdst_wo_smr": "PFFDST w/o SMR", "sparsyfed": "SparsyFed"}
 TAIL = 10  # evaluations averaged for the "last 10" column: one evaluation is a noisy draw
 
 

@@ -16,7 +16,7 @@ PRESETS = configs.available(configs.REGISTRY)
 
 def test_the_documented_algorithms_and_presets_ship():
     assert set(ALGORITHMS) >= {"fedavg", "fedavgm", "fedprox", "random_mask", "feddst", "feddst_fedprox",
-                               "pffdst", "pffdst_wo_pf", "pffdst_wo_smr"}
+                               "pffdst", "pffdst_wo_pf", "pffdst_wo_smr", "sparsyfed"}
     assert set(PRESETS) >= {"cifar10_lenet", "cifar10_resnet18", "demo", "table1_4gb"}
 
 

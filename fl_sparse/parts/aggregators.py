@@ -15,31 +15,34 @@ class UnionAverage(Aggregator):
 
     For a dense model every client holds every coordinate, so this is FedAvg. For sparse clients
     whose masks differ (FedDST) a coordinate is divided by the weight of its holders only, and the
-    returned mask is the union of the client masks. With ``server_momentum`` > 0 the mean update
+    returned mask is the union of the client masks. With ``absent_as_zero`` it is divided by the weight of
+    all clients instead, i.e. plain FedAvg of the sparse client models, where a coordinate a client dropped
+    counts as 0 (SparsyFed). With ``server_momentum`` > 0 the mean update
     becomes a server SGD step with momentum (FedAvgM, Hsu et al. 2019):
     ``buf = beta * buf + (w - mean); w -= server_lr * buf``.
     """
 
-    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0):
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0, absent_as_zero: bool = False):
         check(server_lr > 0, f"UnionAverage.server_lr={server_lr} must be > 0 (1.0 is plain FedAvg)")
         check(0.0 <= server_momentum < 1.0,
               f"UnionAverage.server_momentum={server_momentum} must lie in [0, 1) (FedAvgM uses 0.9)")
         self.server_lr, self.server_momentum = server_lr, server_momentum
+        self.absent_as_zero = bool(absent_as_zero)
         self.momentum_buffers: Tensors = {}
 
     def aggregate(self, weights, mask, frozen, results: list[ClientResult]):
         sample_weights = [float(max(r.num_samples, 0)) for r in results]
         if sum(sample_weights) == 0:  # clients without data still vote equally rather than divide by 0
             sample_weights = [1.0] * len(results)
-        mean, union = self._union_mean(weights, results, sample_weights)
+        mean, union = self._union_mean(weights, results, sample_weights, self.absent_as_zero)
         new_weights = self._server_step(weights, mean, union)
         for name, locked in frozen.items():
             new_weights[name] = torch.where(locked, weights[name], new_weights[name])
         return new_weights, union
 
     @staticmethod
-    def _union_mean(weights: Tensors, results: list[ClientResult],
-                    sample_weights: list[float]) -> tuple[Tensors, Tensors]:
+    def _union_mean(weights: Tensors, results: list[ClientResult], sample_weights: list[float],
+                    absent_as_zero: bool) -> tuple[Tensors, Tensors]:
         mean, union = {}, {}
         for name, current in weights.items():
             if not current.is_floating_point():  # e.g. BatchNorm's num_batches_tracked
@@ -53,6 +56,8 @@ class UnionAverage(Aggregator):
                 holders += weight if held is None else weight * held
             if any(name in r.mask for r in results):
                 union[name] = holders > 0
+            if absent_as_zero:  # clients outside a coordinate's mask hold an exact 0 there
+                holders = torch.where(holders > 0, torch.full_like(holders, sum(sample_weights)), holders)
             mean[name] = torch.where(holders > 0, total / holders.clamp_min(1e-30), torch.zeros_like(total))
         return mean, union
 

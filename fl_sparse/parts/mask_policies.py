@@ -6,6 +6,8 @@
                          ``readjust_every`` rounds; the server re-prunes the union of client masks.
 * :class:`ServerReadjust` PFFDST's SMR: the server prunes to s by magnitude and regrows to s - f at
                          random; clients never change the mask.
+* :class:`ClientTopK`    SparsyFed: after local training each client keeps the global top-k weights by
+                         magnitude; the server re-prunes the union the same way.
 
 All arithmetic goes through :mod:`fl_sparse.sparse.mask_ops`, which keeps counts exact.
 """
@@ -22,6 +24,11 @@ from fl_sparse.interfaces import MaskPolicy, RoundContext, SparsitySchedule, Ten
 from fl_sparse.models import maskable_names
 from fl_sparse.sparse import mask_ops
 from fl_sparse.sparse.budgets import ERK, DensityBudget
+
+
+def maskable_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    params = dict(model.named_parameters())
+    return {name: tuple(params[name].shape) for name in maskable_names(model)}
 
 
 @gin.configurable
@@ -41,8 +48,7 @@ class BudgetedMask(MaskPolicy):
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def setup(self, model, schedule):
-        params = dict(model.named_parameters())
-        self.shapes = {name: tuple(params[name].shape) for name in maskable_names(model)}
+        self.shapes = maskable_shapes(model)
         self.schedule = schedule
 
     def counts(self, sparsity: float) -> dict[str, int]:
@@ -135,3 +141,46 @@ class ClientReadjust(BudgetedMask):
     def server_step(self, ctx, weights, mask, frozen):
         weights, mask = mask_ops.prune_to(weights, mask, self.counts(ctx.phase.sparsity), frozen)
         return self.grow_for_next_stage(ctx, weights, mask)
+
+
+@gin.configurable
+class ClientTopK(MaskPolicy):
+    """SparsyFed's mask (Guastella et al., ICLR 2025): global magnitude top-k, on clients and on the server.
+
+    The model starts dense. After local training each client keeps its ``(1 - s) * P`` largest weights by
+    magnitude, where P counts the weights of every masked tensor but the first (``dense_first_layer``):
+    one threshold shared by those tensors, and the first layer stays dense, as in SparsyFed's code. The
+    client sends only what it kept. After aggregation the server prunes the union of the client masks back
+    to the same count. Frozen weights are always kept.
+
+    With Powerprop (SparsyFed's re-parameterisation) a weight at 0 gets no gradient, so a client's top-k
+    can only re-order weights the global mask already holds. Regrowth is therefore rare, which is the
+    paper's point.
+    """
+
+    def __init__(self, dense_first_layer: bool = True):
+        self.dense_first_layer = bool(dense_first_layer)
+        self.schedule: SparsitySchedule | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def setup(self, model, schedule):
+        self.shapes = maskable_shapes(model)
+        self.schedule = schedule
+
+    @property
+    def pruned_names(self) -> list[str]:
+        return list(self.shapes)[1:] if self.dense_first_layer else list(self.shapes)
+
+    def count(self, sparsity: float) -> int:
+        """Weights kept over :attr:`pruned_names` at ``sparsity``."""
+        return round((1.0 - sparsity) * sum(math.prod(self.shapes[name]) for name in self.pruned_names))
+
+    def initial_mask(self, weights, generator):
+        return {name: torch.ones(shape, dtype=torch.bool, device=weights[name].device)
+                for name, shape in self.shapes.items()}
+
+    def client_step(self, ctx, weights, mask, frozen, gradients):
+        return mask_ops.prune_globally_to(weights, mask, self.pruned_names, self.count(ctx.phase.sparsity), frozen)
+
+    def server_step(self, ctx, weights, mask, frozen):
+        return mask_ops.prune_globally_to(weights, mask, self.pruned_names, self.count(ctx.phase.sparsity), frozen)

@@ -70,13 +70,15 @@ log = logging.getLogger(__name__)
 def needs_sequential(model: nn.Module) -> bool:
     """True when padding or vmap would change the model's math, so :class:`Vectorized` runs it sequentially:
     BatchNorm (batch statistics would include the padding; running statistics are updated in place) or any
-    norm layer tracking running statistics, and active dropout (its draws come from the global generator
-    one client after another, which no vmapped draw reproduces)."""
+    norm layer tracking running statistics, any layer whose ``uses_batch_statistics`` is true (a top-k over
+    the batch), and active dropout (its draws come from the global generator one client after another,
+    which no vmapped draw reproduces)."""
     from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
     from torch.nn.modules.dropout import _DropoutNd
 
     return any(isinstance(m, _BatchNorm) or (isinstance(m, _NormBase) and m.track_running_stats)
                or (isinstance(m, _DropoutNd) and m.p > 0 and m.training)
+               or getattr(m, "uses_batch_statistics", False)  # e.g. Powerprop's activation pruning
                for m in model.modules())
 
 

@@ -59,6 +59,27 @@ def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Te
     return new_weights, new_mask
 
 
+def prune_globally_to(weights: Tensors, mask: Tensors, names: list[str], count: int,
+                      frozen: Tensors | None = None) -> tuple[Tensors, Tensors]:
+    """Keep exactly ``count`` active coordinates over the tensors ``names`` taken together, by |weight|: one
+    threshold shared by all of them (global magnitude pruning), not a count per tensor. Frozen coordinates
+    always stay and count; ties go to the earlier tensor in ``names``, then the lower flat index. Tensors
+    of ``mask`` not in ``names`` are left alone."""
+    frozen = frozen or {}
+    if sum(int(mask[name].sum()) for name in names) <= count:
+        return dict(weights), dict(mask)
+    locked = [frozen.get(name, torch.zeros_like(mask[name])).flatten() for name in names]
+    eligible = torch.cat([(mask[name].flatten() & ~lock) for name, lock in zip(names, locked)])
+    scores = torch.cat([weights[name].abs().flatten() for name in names])
+    kept = torch.cat(locked)
+    kept[_top_positions(scores, eligible, max(0, count - int(kept.sum())))] = True
+    new_weights, new_mask = dict(weights), dict(mask)
+    for name, piece in zip(names, kept.split([mask[name].numel() for name in names])):
+        new_mask[name] = piece.view_as(mask[name])
+        new_weights[name] = torch.where(new_mask[name], weights[name], torch.zeros_like(weights[name]))
+    return new_weights, new_mask
+
+
 def grow_to(weights: Tensors, mask: Tensors, counts: dict[str, int], scores: Tensors,
             exclude: Tensors | None = None) -> tuple[Tensors, Tensors]:
     """Activate the highest-scoring inactive coordinates until ``counts[name]`` are active.

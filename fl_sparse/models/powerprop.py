@@ -1,0 +1,148 @@
+"""Powerprop re-parameterisation with activation pruning: SparsyFed's model side (Guastella et al., ICLR 2025).
+
+Every convolution and linear layer keeps its parameter ``v`` under the usual name (``conv1.weight``), so
+masks, codecs and checkpoints see the same tensors as without it, and computes with the effective
+weight ``w = sign(v) * |v| ** beta`` (Powerpropagation, Schwarz et al. 2021). The gradient w.r.t. ``v``
+is ``beta * |v| ** (beta - 1)`` times that w.r.t. ``w``: small weights learn slowly and a weight at exactly
+0 never moves, so pruned weights stay pruned without a mask.
+
+Activation pruning (SWAT-style): in training, each layer saves for its backward pass only the largest
+entries of its input, by magnitude, keeping the fraction of the input equal to the layer's weight density.
+That fraction is measured on the effective weight at every step, as the reference code does. Only the
+weight gradient uses the pruned input. The forward pass and the input gradient stay exact. The top-k runs
+over the whole batch tensor, as in the reference, so the batch is coupled like a BatchNorm batch, and the
+Vectorized executor trains such a model sequentially. Evaluation never prunes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fl_sparse.errors import check
+
+
+def effective_weight(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """``sign(v) * |v| ** beta``. Written with ``sign`` rather than ``v * |v| ** (beta - 1)``, whose
+    autograd gives 0 * inf = NaN at v = 0 for beta < 2."""
+    return v if beta == 1.0 else torch.sign(v) * v.abs().pow(beta)
+
+
+def keep_largest(x: torch.Tensor, density: float) -> torch.Tensor:
+    """``x`` with all but its ``ceil(density * numel)`` largest-magnitude entries set to 0 (entries tied
+    with the smallest kept one are kept too)."""
+    if density >= 1.0:
+        return x
+    keep = max(1, math.ceil(density * x.numel()))
+    magnitudes = x.detach().abs().flatten()
+    threshold = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
+    return x * (x.detach().abs() >= threshold)
+
+
+def _density(weight: torch.Tensor) -> float:
+    return int(torch.count_nonzero(weight)) / weight.numel()
+
+
+class _PrunedInputConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, density, stride, padding, dilation, groups):
+        ctx.save_for_backward(keep_largest(x, density), weight)
+        ctx.conv = (stride, padding, dilation, groups, bias is not None)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pruned_x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conv
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        # The input gradient depends on the input's shape only, so passing the pruned input keeps it exact.
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, pruned_x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
+            False, [0] * len(stride), groups, needs)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _PrunedInputLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, density):
+        ctx.save_for_backward(keep_largest(x, density), weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pruned_x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad_out.flatten(0, -2).T @ pruned_x.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        grad_b = grad_out.flatten(0, -2).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+class _PowerpropLayer:
+    """What both Powerprop layers share; set per instance by :class:`Powerprop`."""
+
+    beta: float = 1.0
+    prune_activations: bool = False
+
+    @property
+    def uses_batch_statistics(self) -> bool:
+        return self.prune_activations
+
+    def _prunes_now(self) -> bool:
+        return self.prune_activations and self.training and torch.is_grad_enabled()
+
+
+class PowerpropConv2d(_PowerpropLayer, nn.Conv2d):
+    """``nn.Conv2d`` computing with ``effective_weight(self.weight, beta)``; see the module docstring."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = effective_weight(self.weight, self.beta)
+        if not self._prunes_now():
+            return self._conv_forward(x, weight, self.bias)
+        check(self.padding_mode == "zeros", "Powerprop activation pruning supports padding_mode='zeros' only")
+        return _PrunedInputConv2d.apply(x, weight, self.bias, _density(weight), self.stride, self.padding,
+                                        self.dilation, self.groups)
+
+
+class PowerpropLinear(_PowerpropLayer, nn.Linear):
+    """``nn.Linear`` computing with ``effective_weight(self.weight, beta)``; see the module docstring."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = effective_weight(self.weight, self.beta)
+        if not self._prunes_now():
+            return F.linear(x, weight, self.bias)
+        return _PrunedInputLinear.apply(x, weight, self.bias, _density(weight))
+
+
+@gin.configurable
+class Powerprop:
+    """Turns a model's ``nn.Conv2d`` / ``nn.Linear`` layers into their Powerprop versions, in place.
+
+    The parameters are re-initialised as ``v = sign(w0) * |w0| ** (1 / beta)`` from the model's own
+    initial weights ``w0``, so the effective weights start as the base model's (what SparsyFed's code does
+    with its truncated-normal init). Gin: ``Experiment.reparameterization = @Powerprop()``.
+    """
+
+    LAYERS = {nn.Conv2d: PowerpropConv2d, nn.Linear: PowerpropLinear}
+
+    def __init__(self, beta: float = 1.25, prune_activations: bool = True):
+        check(beta >= 1.0, f"Powerprop.beta={beta} must be >= 1 (SparsyFed uses 1.25; 1 is no re-parameterisation)")
+        self.beta, self.prune_activations = float(beta), bool(prune_activations)
+
+    def __repr__(self) -> str:
+        return f"Powerprop(beta={self.beta}, prune_activations={self.prune_activations})"
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        for module in model.modules():
+            powerprop_class = self.LAYERS.get(type(module))
+            if powerprop_class is None:
+                continue
+            module.__class__ = powerprop_class  # a subclass adding no state: the parameters stay as they are
+            module.beta, module.prune_activations = self.beta, self.prune_activations
+            with torch.no_grad():
+                module.weight.copy_(torch.sign(module.weight) * module.weight.abs().pow(1.0 / self.beta))
+        return model
