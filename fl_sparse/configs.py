@@ -98,7 +98,7 @@ def registered_parts() -> dict[str, list[str]]:
     groups = {}
     for base in (interfaces.Aggregator, interfaces.MaskPolicy, interfaces.FreezePolicy, interfaces.CommCodec,
                  interfaces.LocalObjective, interfaces.ClientOptimizer, interfaces.ClientExecutor,
-                 interfaces.SparsitySchedule, DensityBudget):
+                 interfaces.SparsitySchedule, interfaces.ModelReparameterization, DensityBudget):
         lines = []
         for cls in sorted(_subclasses(base), key=lambda c: c.__name__):
             if gin.config._REGISTRY.get_match(cls.__name__) is None:

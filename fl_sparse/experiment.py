@@ -15,7 +15,7 @@ import torch
 from fl_sparse.data import CIFAR10
 from fl_sparse.errors import check
 from fl_sparse.interfaces import (Aggregator, ClientExecutor, ClientOptimizer, CommCodec, FreezePolicy,
-                                  LocalObjective, MaskPolicy, SparsitySchedule)
+                                  LocalObjective, MaskPolicy, ModelReparameterization, SparsitySchedule)
 from fl_sparse.models import lenet
 from fl_sparse.parts.aggregators import UnionAverage
 from fl_sparse.parts.codecs import AutoSparse
@@ -34,7 +34,7 @@ class Experiment:
     rounds: int = 10
     dataset: object = dataclasses.field(default_factory=CIFAR10)
     model: Callable[[int], torch.nn.Module] = lenet
-    reparameterization: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. @Powerprop()
+    reparameterization: ModelReparameterization | None = None  # e.g. @Powerprop() (SparsyFed)
     num_clients: int = 20
     clients_per_round: int = 5
     dirichlet_alpha: float = 0.1

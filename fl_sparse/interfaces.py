@@ -13,6 +13,8 @@ every round ``r`` (1-based, as in the paper):
     6. FreezePolicy.server_step              may freeze weights when a stage ends
     7. MaskPolicy.server_step                may prune / grow the global mask
 
+An optional ``ModelReparameterization`` (SparsyFed's Powerprop) is applied once to the model before round 1.
+
 State is plain data: ``weights`` maps every parameter and buffer name to a tensor, ``mask`` maps each
 maskable tensor (every conv/linear ``weight``) to a bool tensor of the same shape (absent = dense), and
 ``frozen`` is a bool tensor per masked name, always a subset of ``mask``. Parts are pure where they can
@@ -198,6 +200,15 @@ class ClientOptimizer(abc.ABC):
         elsewhere (bool, or 0/1 in the parameters' dtype, which is faster to multiply by). Coordinates at 0
         keep their value (+0.0 bitwise; a -0.0 may become +0.0) and the optimiser state ``init`` gave
         them: masked weights stay exactly zero, frozen weights stay frozen."""
+
+
+class ModelReparameterization(abc.ABC):
+    """Optional: changes how the model computes with its parameters (e.g. Powerprop), applied once to the
+    model the preset built. Must keep every parameter's name and shape, so masks, codecs and checkpoints
+    are unaffected."""
+
+    @abc.abstractmethod
+    def __call__(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
 
 class ClientExecutor(abc.ABC):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_sparse.errors import check
+from fl_sparse.interfaces import ModelReparameterization
 
 
 def effective_weight(v: torch.Tensor, beta: float) -> torch.Tensor:
@@ -119,7 +120,7 @@ class PowerpropLinear(_PowerpropLayer, nn.Linear):
 
 
 @gin.configurable
-class Powerprop:
+class Powerprop(ModelReparameterization):
     """Turns a model's ``nn.Conv2d`` / ``nn.Linear`` layers into their Powerprop versions, in place.
 
     The parameters are re-initialised as ``v = sign(w0) * |w0| ** (1 / beta)`` from the model's own
