@@ -71,6 +71,7 @@ def run_both(sim, tasks, round, vectorized=None):
     ("fedavg", ["Experiment.local_epochs = 2"]),
     ("fedprox", ["Proximal.mu = 0.5"]),
     ("feddst", ["Readjusting.readjust_every = 1"]),  # round 1 readjusts: client prune + regrow by |gradient|
+    ("sparsyfed", ["Powerprop.prune_activations = False"]),  # Powerprop under vmap, client global top-k
 ])
 def test_vectorized_matches_sequential(algorithm, bindings):
     sim = simulation(algorithm, *bindings, rounds=4)
