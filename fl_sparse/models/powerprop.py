@@ -11,7 +11,9 @@ entries of its input, by magnitude, keeping the fraction of the input equal to t
 That fraction is measured on the effective weight at every step, as the reference code does. Only the
 weight gradient uses the pruned input. The forward pass and the input gradient stay exact. The top-k runs
 over the whole batch tensor, as in the reference, so the batch is coupled like a BatchNorm batch, and the
-Vectorized executor trains such a model sequentially. Evaluation never prunes.
+Vectorized executor trains such a model sequentially. Evaluation never prunes. One public copy of the
+SparsyFed code keeps, in its conv layers, the threshold of the first batch for every later batch; here it
+is recomputed for every batch, which is what the paper describes.
 """
 
 from __future__ import annotations
