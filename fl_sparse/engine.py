@@ -69,7 +69,7 @@ class Simulation:
         return sorted(order[:exp.clients_per_round].tolist())
 
     def _link(self, state: ServerState, direction: str, client: int) -> Link:
-        return Link(direction, client, state.frozen, state.weights, state.freeze_version)
+        return Link(direction, client, state.frozen, state.weights, state.freeze_version, state.mask)
 
     def _send_down(self, state: ServerState, clients: list[int]) -> tuple[list[ClientTask], int]:
         """Each client's view of the global model, as decoded from the bytes it received."""

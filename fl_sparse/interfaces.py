@@ -144,13 +144,15 @@ class Message:
 
 @dataclasses.dataclass
 class Link:
-    """Who is talking, and what both ends already know (the frozen part, once it was delivered)."""
+    """Who is talking, and what both ends already know (the frozen part, once it was delivered; on the
+    uplink, the mask the client received this round)."""
 
     direction: str  # "down" (server -> client) or "up" (client -> server)
     client_id: int
     frozen: Tensors  # bool per masked name, the global frozen set ({} when nothing is frozen)
     frozen_values: Tensors  # the global weights, from which a receiver restores frozen coordinates
     freeze_version: int  # increases each time the frozen set changes; 0 = nothing frozen
+    mask: Tensors = dataclasses.field(default_factory=dict)  # the global mask of this round ({}: none known)
 
 
 class CommCodec(abc.ABC):

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from fl_sparse.errors import ConfigError, PayloadError
 from fl_sparse.interfaces import Link, Message
 from fl_sparse.parts import payload_format as fmt
-from fl_sparse.parts.codecs import (AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices,
-                                    expected_size)
+from fl_sparse.parts.codecs import (AutoSparse, DenseF32, FreezeAware, KnownMaskSparse, SparseBitmask,
+                                    SparseIndices, expected_size)
 
 UP = Link(direction="up", client_id=0, frozen={}, frozen_values={}, freeze_version=0)
 LAYOUT_CODECS = {"dense": DenseF32, "bitmask": SparseBitmask, "indices": SparseIndices, "auto": AutoSparse}
-ALL_CODECS = [DenseF32, SparseBitmask, SparseIndices, AutoSparse, FreezeAware]
+ALL_CODECS = [DenseF32, SparseBitmask, SparseIndices, AutoSparse, FreezeAware, KnownMaskSparse]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

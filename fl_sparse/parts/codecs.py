@@ -12,10 +12,13 @@ SparseIndices (3)  indices: ``8 + 4*c + c*s``
 AutoSparse (4)     the smallest of the three, chosen per tensor; ties go to bitmask, then indices,
                    then dense + bitmask. Never larger than any single-layout codec.
 FreezeAware (5)    wraps another codec and leaves frozen coordinates out (see :class:`FreezeAware`)
+KnownMaskSparse    AutoSparse, except on the uplink, where a tensor whose mask is the trainable set the
+(6)                client received costs only ``8 + c*s`` (see :class:`KnownMaskSparse`)
 =================  =================================================================================
 
-Every codec transmits the mask of every masked tensor, so the receiver always gets ``Message.masks``
-back; tensors without a mask are sent dense (``n*s``). Floating tensors travel as ``dtype``
+Every codec transmits the mask of every masked tensor, except where the receiver already holds it
+(KnownMaskSparse's uplink), so the receiver always gets ``Message.masks`` back; tensors without a mask are
+sent dense (``n*s``). Floating tensors travel as ``dtype``
 (``"float32"`` by default, or ``"float16"`` / ``"bfloat16"``) and are decoded back to their original
 dtype; other tensors (e.g. the int64 BatchNorm ``num_batches_tracked``) travel as their own dtype.
 
@@ -36,7 +39,7 @@ dtype code              uint8         the tensor's dtype: 0 float32, 1 float16, 
 wire dtype code         uint8         dtype of the values on the wire (same codes)
 ndim                    uint8         number of dimensions (0 for a scalar)
 dims                    uint32 each   the shape
-encoding code           uint8         0 dense, 1 bitmask, 2 indices, 3 dense + bitmask
+encoding code           uint8         0 dense, 1 bitmask, 2 indices, 3 dense + bitmask, 4 known mask
 body, dense (0)         values        all ``n`` values, row-major
 body, bitmask (1)       uint64        value count ``c`` (= set bits of the mask)
                         bytes         packed mask, ``ceil(n/8)`` bytes, element ``i`` is bit ``i % 8``
@@ -48,6 +51,8 @@ body, indices (2)       uint64        value count ``c``
                         values        the ``c`` masked values in index order
 body, dense+bitmask(3)  bytes         packed mask as in (1)
                         values        all ``n`` values, bitwise +0.0 (all bits 0) outside the mask
+body, known mask (4)    uint64        value count ``c`` (= set bits of the mask the receiver holds)
+                        values        the ``c`` masked values, row-major
 ======================  ============  ===========================================================
 
 :class:`FreezeAware` frames its payload as: magic, version, codec id 5 (as above), flags (uint8; bit 0:
@@ -63,8 +68,9 @@ with +0.0 (or integer 0) at every coordinate outside the mask.
 Decoding validates everything and raises only :class:`~fl_sparse.errors.PayloadError`: wrong magic,
 version, codec id, dtype or encoding code, truncation, trailing bytes, non-UTF-8 or duplicate names,
 out-of-range or unsorted indices, bitmask popcount != value count, set padding bits, non-zero values
-outside the mask. A header claiming more than ``max_elements`` elements in one tensor is refused
-before anything is allocated, so a corrupt payload cannot exhaust memory.
+outside the mask, a known-mask tensor the receiver holds no mask for (or whose mask's popcount is not the
+value count). A header claiming more than ``max_elements`` elements in one tensor is refused before
+anything is allocated, so a corrupt payload cannot exhaust memory.
 """
 
 from __future__ import annotations
@@ -196,6 +202,47 @@ def _check_link(link: Link) -> None:
         raise ValueError(f"link.direction must be 'down' or 'up', got {link.direction!r}")
     if not 0 <= link.freeze_version < 2**32:
         raise ValueError(f"link.freeze_version must be in [0, 2**32), got {link.freeze_version}")
+
+
+@gin.configurable
+class KnownMaskSparse(AutoSparse):
+    """AutoSparse that, on the uplink, leaves out the masks the server already holds.
+
+    A client that trains under the mask it received and sends that mask back (PFFDST, RandomMask, FedDST
+    outside readjustment rounds) repeats what the server sent it. On the uplink, a masked tensor whose mask
+    equals ``link.mask & ~link.frozen`` (the trainable set the client received) is sent as its values alone,
+    with encoding 4. Other tensors, such as a FedDST client's readjusted mask, fall back to AutoSparse's
+    choice. Inside ``FreezeAware`` the frozen part is left out before this comparison, so stage-2 PFFDST
+    uplinks match too. The downlink is AutoSparse byte for byte, apart from the codec id: a client holds no
+    state between rounds.
+
+    This is how the paper counts bytes (non-zero values only). It is a separate codec because it changes
+    measured totals, and with them where a communication budget stops a run.
+    """
+
+    codec_id = 6
+    masked_encodings = frozenset(AUTO_PREFERENCE) | {Encoding.KNOWN_MASK}
+
+    @staticmethod
+    def _known(link: Link) -> dict[str, torch.Tensor] | None:
+        if link.direction != "up":
+            return None
+        return {name: torch.from_numpy(np.asarray(_bool_numpy(mask) & ~_bool_numpy(link.frozen[name])))
+                if name in link.frozen else mask for name, mask in link.mask.items()}
+
+    def encode(self, message: Message, link: Link) -> bytes:
+        _check_link(link)
+        return fmt.encode_message(message, self.codec_id, self._float_wire, LAYOUTS[self.layout], self._known(link))
+
+    def decode(self, payload: bytes, link: Link) -> Message:
+        _check_link(link)
+        return fmt.decode_message(payload, self.codec_id, self._float_wire, self.masked_encodings,
+                                  self.max_elements, self._known(link))
+
+    def closed_form_size(self, message: Message, link: Link | None = None) -> int:
+        """Exact ``len(self.encode(message, link))``; without a link, as on the downlink."""
+        known = None if link is None else self._known(link)
+        return fmt.message_size(message, self._float_wire, LAYOUTS[self.layout], known)
 
 
 @gin.configurable

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 import math
 import struct
-from typing import Callable, Collection
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ FREEZE_HEADER = struct.Struct("<4sBBBIQ")
 FREEZE_FLAG_FROZEN_PART = 0x01
 SECTION_LENGTH = struct.Struct("<Q")
 
-CODEC_NAMES = {1: "DenseF32", 2: "SparseBitmask", 3: "SparseIndices", 4: "AutoSparse", 5: "FreezeAware"}
+CODEC_NAMES = {1: "DenseF32", 2: "SparseBitmask", 3: "SparseIndices", 4: "AutoSparse", 5: "FreezeAware",
+               6: "KnownMaskSparse"}
 FREEZE_AWARE_CODEC_ID = 5
 
 
@@ -49,6 +50,7 @@ class Encoding(enum.IntEnum):
     BITMASK = 1  # value count + packed mask + values of the masked coordinates
     INDICES = 2  # value count + uint32 flat indices + values of the masked coordinates
     DENSE_BITMASK = 3  # packed mask + all values (zero outside the mask)
+    KNOWN_MASK = 4  # value count + values of the masked coordinates; the receiver already holds the mask
 
 
 ENCODING_CODES = frozenset(int(e) for e in Encoding)
@@ -110,10 +112,20 @@ def body_size(encoding: Encoding, numel: int, count: int, itemsize: int) -> int:
         return VALUE_COUNT.size + packed_mask + count * itemsize
     if encoding == Encoding.INDICES:
         return VALUE_COUNT.size + count * (INDEX_DTYPE.itemsize + itemsize)
+    if encoding == Encoding.KNOWN_MASK:
+        return VALUE_COUNT.size + count * itemsize
     return packed_mask + numel * itemsize
 
 
-def message_size(message: Message, float_wire: WireDtype, choose: EncodingChooser) -> int:
+# Masks both ends already hold, by tensor name (KnownMaskSparse's uplink); None: none.
+KnownMasks = Mapping[str, torch.Tensor] | None
+
+
+def _is_known(known: KnownMasks, name: str, mask: torch.Tensor) -> bool:
+    return known is not None and name in known and torch.equal(known[name].detach().cpu(), mask.detach().cpu())
+
+
+def message_size(message: Message, float_wire: WireDtype, choose: EncodingChooser, known: KnownMasks = None) -> int:
     """Exact payload size from names, shapes and mask popcounts, without encoding anything."""
     total = CONTAINER_HEADER.size
     for name, tensor in message.tensors.items():
@@ -125,7 +137,8 @@ def message_size(message: Message, float_wire: WireDtype, choose: EncodingChoose
             total += body_size(Encoding.DENSE, numel, numel, wire.itemsize)
         else:
             count = int(np.count_nonzero(mask.detach().cpu().numpy()))
-            total += body_size(choose(numel, count, wire.itemsize), numel, count, wire.itemsize)
+            encoding = Encoding.KNOWN_MASK if _is_known(known, name, mask) else choose(numel, count, wire.itemsize)
+            total += body_size(encoding, numel, count, wire.itemsize)
     return total
 
 
@@ -140,18 +153,19 @@ def _to_wire_numpy(values: torch.Tensor, wire: WireDtype) -> np.ndarray:
     return values.numpy().astype(wire.numpy_dtype, copy=False)
 
 
-def encode_message(message: Message, codec_id: int, float_wire: WireDtype, choose: EncodingChooser) -> bytes:
+def encode_message(message: Message, codec_id: int, float_wire: WireDtype, choose: EncodingChooser,
+                   known: KnownMasks = None) -> bytes:
     unknown = set(message.masks) - set(message.tensors)
     if unknown:
         raise ValueError(f"message has masks for tensors it does not carry: {sorted(unknown)}")
     parts = [CONTAINER_HEADER.pack(MAGIC, FORMAT_VERSION, codec_id, len(message.tensors))]
     for name, tensor in message.tensors.items():
-        _encode_tensor(parts, name, tensor, message.masks.get(name), float_wire, choose)
+        _encode_tensor(parts, name, tensor, message.masks.get(name), float_wire, choose, known)
     return b"".join(parts)
 
 
 def _encode_tensor(parts: list[bytes], name: str, tensor: torch.Tensor, mask: torch.Tensor | None,
-                   float_wire: WireDtype, choose: EncodingChooser) -> None:
+                   float_wire: WireDtype, choose: EncodingChooser, known: KnownMasks) -> None:
     name_bytes = name.encode("utf-8")
     if len(name_bytes) > 0xFFFF or tensor.dim() > 255 or any(d >= 2**32 for d in tensor.shape):
         raise ValueError(f"tensor {name!r}: name longer than 65535 bytes, more than 255 dims or a dim >= 2**32")
@@ -168,7 +182,7 @@ def _encode_tensor(parts: list[bytes], name: str, tensor: torch.Tensor, mask: to
         mask_np = mask.detach().reshape(-1).cpu().numpy()
         selected = np.flatnonzero(mask_np)
         count = selected.size
-        encoding = choose(numel, count, wire.itemsize)
+        encoding = Encoding.KNOWN_MASK if _is_known(known, name, mask) else choose(numel, count, wire.itemsize)
         if encoding == Encoding.INDICES and numel > INDEX_LIMIT:
             raise ValueError(f"tensor {name!r} has {numel} elements, too many for uint32 indices")
         if encoding == Encoding.DENSE_BITMASK:
@@ -177,7 +191,8 @@ def _encode_tensor(parts: list[bytes], name: str, tensor: torch.Tensor, mask: to
             body = [np.packbits(mask_np, bitorder="little").tobytes(), _to_wire_numpy(dense, wire).tobytes()]
         else:
             locator = (np.packbits(mask_np, bitorder="little") if encoding == Encoding.BITMASK
-                       else selected.astype(INDEX_DTYPE))
+                       else selected.astype(INDEX_DTYPE) if encoding == Encoding.INDICES
+                       else np.zeros(0, dtype=np.uint8))  # KNOWN_MASK: no locator on the wire
             values = _to_wire_numpy(flat, wire)[selected]
             body = [VALUE_COUNT.pack(count), locator.tobytes(), values.tobytes()]
     parts += [NAME_LENGTH.pack(len(name_bytes)), name_bytes,
@@ -232,13 +247,14 @@ def check_container(magic: bytes, version: int, codec_id: int, expected_codec_id
 
 
 def decode_message(payload: bytes, codec_id: int, float_wire: WireDtype,
-                   masked_encodings: Collection[Encoding], max_elements: int) -> Message:
+                   masked_encodings: Collection[Encoding], max_elements: int, known: KnownMasks = None) -> Message:
     reader = Reader(payload)
     magic, version, found_codec, tensor_count = reader.unpack(CONTAINER_HEADER, "header")
     check_container(magic, version, found_codec, codec_id, CODEC_NAMES[codec_id])
     tensors, masks = {}, {}
     for index in range(tensor_count):  # no preallocation: a lying count just runs out of bytes
-        name, tensor, mask = _decode_tensor(reader, index, tensors, float_wire, masked_encodings, max_elements)
+        name, tensor, mask = _decode_tensor(reader, index, tensors, float_wire, masked_encodings, max_elements,
+                                            known)
         tensors[name] = tensor
         if mask is not None:
             masks[name] = mask
@@ -247,7 +263,7 @@ def decode_message(payload: bytes, codec_id: int, float_wire: WireDtype,
 
 
 def _decode_tensor(reader: Reader, index: int, seen: dict, float_wire: WireDtype,
-                   masked_encodings: Collection[Encoding], max_elements: int):
+                   masked_encodings: Collection[Encoding], max_elements: int, known: KnownMasks):
     (name_length,) = reader.unpack(NAME_LENGTH, f"tensor #{index} name length")
     try:
         name = bytes(reader.take(name_length, f"tensor #{index} name")).decode("utf-8")
@@ -289,11 +305,13 @@ def _decode_tensor(reader: Reader, index: int, seen: dict, float_wire: WireDtype
         (count,) = reader.unpack(VALUE_COUNT, f"{label} value count")
         if count > numel:
             raise PayloadError(f"{label}: {count} values for a tensor of {numel} elements")
-        if encoding == Encoding.BITMASK:
-            mask = _read_bitmask(reader, numel, label)
+        if encoding in (Encoding.BITMASK, Encoding.KNOWN_MASK):
+            mask = (_read_bitmask(reader, numel, label) if encoding == Encoding.BITMASK
+                    else _known_mask(known, name, shape, label))
             set_bits = int(np.count_nonzero(mask))
             if set_bits != count:
-                raise PayloadError(f"{label}: bitmask has {set_bits} set bits but the header says {count} values")
+                what = "bitmask" if encoding == Encoding.BITMASK else "known mask"
+                raise PayloadError(f"{label}: {what} has {set_bits} set bits but the header says {count} values")
             selector = np.flatnonzero(mask)  # integer scatter is ~3x faster than boolean assignment
         else:
             selector = _read_indices(reader, count, numel, label)
@@ -306,6 +324,16 @@ def _decode_tensor(reader: Reader, index: int, seen: dict, float_wire: WireDtype
         raise PayloadError(f"{label}: bool values other than 0 and 1")
     tensor = _to_torch(values, wire, dtype).reshape(shape)
     return name, tensor, None if mask is None else torch.from_numpy(mask).reshape(shape)
+
+
+def _known_mask(known: KnownMasks, name: str, shape: tuple[int, ...], label: str) -> np.ndarray:
+    mask = None if known is None else known.get(name)
+    if mask is None:
+        raise PayloadError(f"{label}: sent under a known mask, but the receiver holds no mask for it")
+    if tuple(mask.shape) != shape or mask.dtype != torch.bool:
+        raise PayloadError(f"{label}: sent under a known mask of shape {shape}, but the receiver holds "
+                           f"{mask.dtype} {tuple(mask.shape)}")
+    return mask.detach().cpu().reshape(-1).numpy().copy()
 
 
 def _read_bitmask(reader: Reader, numel: int, label: str) -> np.ndarray:
