@@ -178,3 +178,12 @@ def test_sparsyfed_rounds_keep_the_first_layer_dense_and_the_rest_at_the_target(
         for n, m in state.mask.items():
             assert torch.all(state.weights[n][~m] == 0)
         assert metrics["uplink_bytes_per_client"] < 0.4 * 4 * sum(w.numel() for w in state.weights.values())
+
+
+def test_activation_pruning_refuses_non_zero_padding_when_built():
+    from fl_sparse.errors import ConfigError
+
+    reflect = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ConfigError, match="padding_mode='zeros' only"):
+        Powerprop()(reflect)
+    Powerprop(prune_activations=False)(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))

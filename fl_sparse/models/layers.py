@@ -15,7 +15,7 @@ class BatchAsChannelsMaxPool2d(nn.MaxPool2d):
     channels are (sample, channel) pairs.
 
     Pooling acts on each (sample, channel) plane alone, so the values, the chosen maxima and the gradients
-    are those of ``nn.MaxPool2d`` bit for bit (tests/test_models.py checks it, ties included). The two layout
+    are those of ``nn.MaxPool2d`` bit for bit (tests/test_layers.py checks it, ties included). The two layout
     copies cost far less than the scalar kernel: LeNet's first pool (batch 32, 6 channels, 28x28) went from
     1.6 to 1.0 ms forward + backward, and a FedDST round at ``cifar10_lenet`` from 2.1-2.3 to 1.9-2.0 s.
     """

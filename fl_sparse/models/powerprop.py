@@ -132,7 +132,6 @@ class PowerpropConv2d(_PowerpropLayer, nn.Conv2d):
         weight = effective_weight(self.weight, self.beta)
         if not self._prunes_now():
             return self._conv_forward(x, weight, self.bias)
-        check(self.padding_mode == "zeros", "Powerprop activation pruning supports padding_mode='zeros' only")
         return _PrunedInputConv2d.apply(x, weight, self.bias, _density(weight), self.stride, self.padding,
                                         self.dilation, self.groups)
 
@@ -170,6 +169,9 @@ class Powerprop(ModelReparameterization):
             powerprop_class = self.LAYERS.get(type(module))
             if powerprop_class is None:
                 continue
+            check(not self.prune_activations or getattr(module, "padding_mode", "zeros") == "zeros",
+                  f"Powerprop.prune_activations supports padding_mode='zeros' only, not {module!r}; "
+                  "set Powerprop.prune_activations = False")
             module.__class__ = powerprop_class  # a subclass adding no state: the parameters stay as they are
             module.beta, module.prune_activations = self.beta, self.prune_activations
             with torch.no_grad():

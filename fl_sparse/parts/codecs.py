@@ -83,6 +83,7 @@ from fl_sparse.errors import ConfigError, PayloadError
 from fl_sparse.interfaces import CommCodec, Link, Message
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.payload_format import Encoding
+from fl_sparse.sparse.mask_ops import trainable
 
 DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of float32 in a single tensor; far above any model trained here
 
@@ -225,10 +226,7 @@ class KnownMaskSparse(AutoSparse):
 
     @staticmethod
     def _known(link: Link) -> dict[str, torch.Tensor] | None:
-        if link.direction != "up":
-            return None
-        return {name: torch.from_numpy(np.asarray(_bool_numpy(mask) & ~_bool_numpy(link.frozen[name])))
-                if name in link.frozen else mask for name, mask in link.mask.items()}
+        return trainable(link.mask, link.frozen) if link.direction == "up" else None
 
     def encode(self, message: Message, link: Link) -> bytes:
         _check_link(link)

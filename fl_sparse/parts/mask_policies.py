@@ -160,12 +160,10 @@ class ClientTopK(MaskPolicy):
 
     def __init__(self, dense_first_layer: bool = True):
         self.dense_first_layer = bool(dense_first_layer)
-        self.schedule: SparsitySchedule | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def setup(self, model, schedule):
         self.shapes = maskable_shapes(model)
-        self.schedule = schedule
 
     @property
     def pruned_names(self) -> list[str]:
@@ -179,8 +177,11 @@ class ClientTopK(MaskPolicy):
         return {name: torch.ones(shape, dtype=torch.bool, device=weights[name].device)
                 for name, shape in self.shapes.items()}
 
-    def client_step(self, ctx, weights, mask, frozen, gradients):
+    def _keep_top_k(self, ctx, weights, mask, frozen):
         return mask_ops.prune_globally_to(weights, mask, self.pruned_names, self.count(ctx.phase.sparsity), frozen)
 
+    def client_step(self, ctx, weights, mask, frozen, gradients):
+        return self._keep_top_k(ctx, weights, mask, frozen)
+
     def server_step(self, ctx, weights, mask, frozen):
-        return mask_ops.prune_globally_to(weights, mask, self.pruned_names, self.count(ctx.phase.sparsity), frozen)
+        return self._keep_top_k(ctx, weights, mask, frozen)
