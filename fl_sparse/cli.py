@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-from fl_sparse.errors import FlSparseError
+from fl_sparse.errors import ConfigError, FlSparseError
+
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (no usage block), exit code 2 like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl-sparse", description="Sparse federated learning, composed in gin.")
+    parser = _OneLineParser(prog="fl-sparse", description="Sparse federated learning, composed in gin.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run ALGO (a name from algorithms/ or a .gin path) with presets")
     run.add_argument("algorithm")
@@ -29,13 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.add_argument("--budget-gb", type=float, help="stop before measured up+down traffic exceeds this many GB")
     run.add_argument("--checkpoint-every", type=int, metavar="K", help="write a checkpoint every K rounds")
-    run.add_argument("--checkpoint-dir", default="checkpoints", help="where checkpoints go (default ./checkpoints)")
+    run.add_argument("--checkpoint-dir", help="where checkpoints go (default ./checkpoints)")
     run.add_argument("--resume", metavar="DIR", help="continue the run checkpointed in DIR (same command otherwise)")
     commands.add_parser("list", help="list every registered part grouped by interface")
-    report = commands.add_parser("report", help="write a Markdown table and plots from the MLflow runs")
-    report.add_argument("out", help="directory to write table.md and the PNG plots into")
-    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    report.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
+    report = commands.add_parser("report", help="write Markdown tables and plots from the MLflow runs or an export")
+    report.add_argument("out", help="directory to write table.md, reach.md and the PNG plots into")
+    report.add_argument("--from-export", action="append", metavar="DIR", help="read the runs exported into DIR by "
+                        "fl-sparse export instead of MLflow (repeat to combine experiments)")
+    export = commands.add_parser("export", help="write each finished MLflow run as text into OUT_DIR: per-round "
+                                 "metrics (.csv), resolved config (.gin), params and tags (.json)")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="e.g. docs/results/table1/runs/table1_4gb")
+    for command in (report, export):
+        command.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                                    "sqlite:///mlflow.db)")
+        command.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
     return parser
 
 
@@ -56,29 +74,55 @@ def _bindings(args: argparse.Namespace) -> list[str]:
     return bindings + args.bind
 
 
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """Every flag of ``run``, checked before anything heavy is imported, built or written."""
+    from fl_sparse.tracking import check_tracking_uri
+
+    def require(condition: bool, flag: str, value, fix: str) -> None:
+        if not condition:
+            raise ConfigError(f"{flag} {value}: {fix}")
+
+    def writable_directory(flag: str, path: str, must_exist: bool) -> None:
+        folder = Path(path).resolve()
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        require(not must_exist or existing == folder, flag, path, "no such directory")
+        require(existing.is_dir(), flag, path, f"{existing} is a file, not a directory")
+        require(os.access(existing, os.W_OK | os.X_OK), flag, path, f"{existing} is not writable")
+
+    require(args.rounds is None or args.rounds >= 1, "--rounds", args.rounds, "give at least 1 round")
+    require(args.sparsity is None or 0 <= args.sparsity < 1, "--sparsity", args.sparsity,  # NaN fails too
+            f"the sparsity {args.sparsity} is outside [0, 1); give the fraction of weights pruned")
+    require(args.seed is None or args.seed >= 0, "--seed", args.seed, "give a seed >= 0")
+    require(args.threads is None or 1 <= args.threads <= (os.cpu_count() or 1), "--threads", args.threads,
+            f"give 1 to {os.cpu_count()} threads (this machine's CPUs)")
+    require(args.checkpoint_every is None or args.checkpoint_every >= 1, "--checkpoint-every",
+            args.checkpoint_every, "give a number of rounds >= 1")
+    require(args.budget_gb is None or (math.isfinite(args.budget_gb) and args.budget_gb > 0), "--budget-gb",
+            args.budget_gb, "give a finite number of GB > 0")
+    require(args.experiment_name.strip() != "", "--experiment-name", repr(args.experiment_name), "give a name")
+    if args.data_dir is not None:
+        require(os.path.isdir(args.data_dir), "--data-dir", args.data_dir, "no such directory")
+    if args.resume is not None:
+        writable_directory("--resume", args.resume, must_exist=True)
+    if args.checkpoint_dir is not None or (args.checkpoint_every and args.resume is None):
+        writable_directory("--checkpoint-dir", args.checkpoint_dir or CHECKPOINT_DIR, must_exist=False)
+    if not args.no_tracking or args.tracking_uri is not None:
+        check_tracking_uri(args.tracking_uri)
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_run_flags(args)
     import gin
 
     from fl_sparse import checkpoint, configs
     from fl_sparse.engine import Simulation
     from fl_sparse.experiment import Experiment
-    from fl_sparse.errors import ConfigError
-    from fl_sparse.tracking import MlflowTracker, ProgressBar, tracking_uri
+    from fl_sparse.tracking import MlflowTracker, ProgressBar, TrackingError, tracking_uri
 
-    if args.rounds is not None and args.rounds < 1:
-        raise ConfigError(f"--rounds {args.rounds}: give at least 1 round")
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads}: give at least 1 thread")
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: give a number of rounds >= 1")
-    if args.resume is not None and not os.path.isdir(args.resume):
-        raise ConfigError(f"--resume {args.resume}: no such directory")
-    if args.data_dir is not None and not os.path.isdir(args.data_dir):
-        raise ConfigError(f"--data-dir {args.data_dir}: no such directory")
     configs.parse(args.algorithm, args.presets, _bindings(args))
     experiment = Experiment()  # validates every binding before anything is loaded or logged
     config_text = gin.config_str()
@@ -102,8 +146,9 @@ def _run(args: argparse.Namespace) -> int:
             tracker.log_config(configs.bindings_as_params(), config_text,
                                {"algorithm": name, "presets": ",".join(args.presets), "data": simulation.data.source})
         callbacks.append(tracker)
+    directory = None
     if args.checkpoint_every or args.resume:
-        directory = Path(args.resume or args.checkpoint_dir)
+        directory = Path(args.resume or args.checkpoint_dir or CHECKPOINT_DIR)
         every = args.checkpoint_every or meta["checkpoint_every"]
         callbacks.append(checkpoint.Checkpointer(directory, every, simulation,
                                                  tracker.run_id if tracker else None, config_text))
@@ -111,10 +156,13 @@ def _run(args: argparse.Namespace) -> int:
     callbacks.append(bar)
     try:
         state = simulation.run(state, callbacks=callbacks)
-    except BaseException:
+    except BaseException as error:
         bar.close()
         if tracker:
-            tracker.finish(gin.operative_config_str(), status="FAILED")
+            tracker.abandon(gin.operative_config_str())
+        if isinstance(error, TrackingError) and directory is not None:  # rounds are checkpointed after logging
+            raise TrackingError(f"{error}; the checkpoints in {directory} are intact: run the same command "
+                                f"with --resume {directory}") from None
         raise
     bar.close()
     if simulation.stopped_by_budget:
@@ -139,18 +187,34 @@ def _list() -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from fl_sparse import results_export
     from fl_sparse.report import write_report
     from fl_sparse.tracking import tracking_uri
 
-    for path in write_report(tracking_uri(args.tracking_uri), args.experiment_name, Path(args.out)):
+    if args.from_export:
+        records = [record for directory in args.from_export for record in results_export.read(Path(directory))]
+    else:
+        records = results_export.from_mlflow(tracking_uri(args.tracking_uri), args.experiment_name)
+    for path in write_report(records, Path(args.out)):
         print(path)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fl_sparse import results_export
+    from fl_sparse.tracking import tracking_uri
+
+    records = results_export.from_mlflow(tracking_uri(args.tracking_uri), args.experiment_name)
+    results_export.write(records, Path(args.out_dir))
+    print(f"exported {len(records)} finished runs of {args.experiment_name!r} to {args.out_dir}: "
+          + ", ".join(record.name for record in records))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "report": _report, "list": lambda _: _list()}[args.command](args)
+        return {"run": _run, "report": _report, "export": _export, "list": lambda _: _list()}[args.command](args)
     except FlSparseError as error:
         from fl_sparse.configs import first_line
 

@@ -1,4 +1,7 @@
-"""``fl-sparse report``: tables and plots from the MLflow runs, next to the paper's numbers.
+"""``fl-sparse report``: tables and plots from run records, next to the paper's numbers.
+
+The records come from an export directory (``--from-export``) or straight from MLflow, built in memory by
+the same code that writes the export (:mod:`fl_sparse.results_export`), so both give the same report.
 
 Runs are grouped by their ``algorithm`` tag and by the budget column, read from the ``presets`` tag
 (a preset named ``table1_<N>gb``; runs without one fall in column ``-``). For every group it gives mean
@@ -15,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fl_sparse.errors import ConfigError
+from fl_sparse.results_export import RunRecord
 
 # Table 1 of the PFFDST paper (LeNet, CIFAR-10, s = 0.8): best accuracy per budget column.
 PAPER_TABLE1 = {
@@ -51,29 +55,22 @@ def summarize(history: dict[str, list[tuple[int, float]]]) -> dict:
     return summary
 
 
-def collect(uri: str, experiment_name: str) -> dict[tuple[str, str], list[dict]]:
-    """Finished runs as {(algorithm, column): [per-seed summary]}, with full metric histories."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise ConfigError(f"no MLflow experiment {experiment_name!r} at {uri}; pass --tracking-uri / --experiment-name")
+def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
+    """Runs with evaluations as {(algorithm, column): [per-seed summary]}, with full metric histories."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=5000):
-        metrics = {key: client.get_metric_history(run.info.run_id, key)
+    for record in records:
+        history = {key: record.history(key)
                    for key in ("test_accuracy", "local_accuracy", "cumulative_gb", "cumulative_flops")}
-        history = {key: [(m.step, m.value) for m in values] for key, values in metrics.items()}
         if not history["test_accuracy"]:
             continue
         summary = summarize(history)
-        summary["wall_s"] = active_seconds(run.info.start_time, [m.timestamp for m in metrics["cumulative_gb"]])
-        planned = run.data.params.get("Experiment.rounds", "")
-        summary.update(run_id=run.info.run_id, seed=run.data.params.get("Experiment.seed", "0"),
+        summary["wall_s"] = active_seconds(record.info["start_ms"], list(record.logged_ms.values()))
+        planned = record.info["params"].get("Experiment.rounds", "")
+        summary.update(run_id=record.info["run_id"], seed=str(record.info["seed"]),
                        planned=int(planned) if planned.isdigit() else None)
-        groups[(run.data.tags.get("algorithm", "?"), _column(run.data.tags.get("presets", "")))].append(summary)
+        groups[(record.info["algorithm"], _column(record.info["presets"]))].append(summary)
     if not groups:
-        raise ConfigError(f"no finished runs with evaluations in experiment {experiment_name!r} at {uri}")
+        raise ConfigError("no finished runs with evaluations to report")
     return groups
 
 
@@ -138,15 +135,22 @@ def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seed_mean_curve(runs: list[dict], x_key: str, window: int = TAIL) -> list[tuple[float, float]]:
-    """(x, accuracy %) averaged over seeds at each round evaluated in every seed, then smoothed by a
-    moving average over ``window`` evaluations (single evaluations swing by several points)."""
-    per_run = [(dict(r["history"][x_key]), dict(r["history"]["local_accuracy"])) for r in runs]
-    rounds = sorted(set.intersection(*(set(acc) & set(x_at) for x_at, acc in per_run)))
-    xs = [statistics.mean(x_at[step] for x_at, _ in per_run) for step in rounds]
+def seed_mean_series(runs: list[dict], x_keys: tuple[str, ...], y_key: str = "local_accuracy",
+                     window: int = TAIL) -> list[tuple[int, dict[str, float], float]]:
+    """(round, {x_key: seed mean}, accuracy %) at each round evaluated in every seed: the accuracy is
+    averaged over seeds, then smoothed by a moving average over ``window`` evaluations (single evaluations
+    swing by several points)."""
+    per_run = [({key: dict(r["history"][key]) for key in x_keys}, dict(r["history"][y_key])) for r in runs]
+    rounds = sorted(set.intersection(*(set(acc).intersection(*x_at.values()) for x_at, acc in per_run)))
     ys = [100 * statistics.mean(acc[step] for _, acc in per_run) for step in rounds]
     smooth = [statistics.mean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
-    return list(zip(xs, smooth))
+    return [(step, {key: statistics.mean(x_at[key][step] for x_at, _ in per_run) for key in x_keys}, y)
+            for step, y in zip(rounds, smooth)]
+
+
+def seed_mean_curve(runs: list[dict], x_key: str, window: int = TAIL) -> list[tuple[float, float]]:
+    """(x, local accuracy %) of :func:`seed_mean_series`: the plotted curve."""
+    return [(xs[x_key], y) for _, xs, y in seed_mean_series(runs, (x_key,), window=window)]
 
 
 def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
@@ -176,9 +180,13 @@ def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
     return written
 
 
-def write_report(uri: str, experiment_name: str, out: Path) -> list[Path]:
-    groups = collect(uri, experiment_name)
+def write_report(records: list[RunRecord], out: Path) -> list[Path]:
+    """table.md, reach.md and the plots from run records (:mod:`fl_sparse.results_export`), however read."""
+    from fl_sparse.report_reach import reach_table
+
+    groups = collect(records)
     out.mkdir(parents=True, exist_ok=True)
-    table = out / "table.md"
+    table, reach = out / "table.md", out / "reach.md"
     table.write_text(markdown_table(groups))
-    return [table, *plots(groups, out)]
+    reach.write_text(reach_table(groups))
+    return [table, reach, *plots(groups, out)]

@@ -1,0 +1,174 @@
+"""Raw results as text in the repository: each finished MLflow run as ``<name>.csv`` + ``.gin`` + ``.json``.
+
+``fl-sparse export`` writes, for every finished run of an experiment, three files named after the run
+(``<algorithm>_s<seed>``, plus ``_<first 8 characters of the run id>`` where two runs would share a name):
+
+* ``<name>.csv``: one row per round, every metric MLflow holds for the run, columns ``round``,
+  ``logged_ms`` (when the round was logged, ms since the epoch) and the metric keys in sorted order. A
+  metric a round did not log (evaluation every k rounds) is an empty cell. A run resumed from a checkpoint
+  logs its replayed rounds again; the value logged last counts, as in the report.
+* ``<name>.gin``: the operative gin config the run finished with (every binding resolved).
+* ``<name>.json``: identity and provenance: run id, experiment, algorithm, presets, seed, status, start and
+  end time, the code commit when the run recorded one, and every logged parameter.
+
+Floats are written with ``repr``, the shortest text that reads back to the same double, so reading an
+export gives exactly the numbers MLflow held, and exporting again gives identical bytes. ``fl-sparse
+report`` reads these records (:func:`read`), and the MLflow path builds the same records in memory
+(:func:`from_mlflow`), so both report from one code path.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fl_sparse.errors import ConfigError
+
+FORMAT_VERSION = 1
+CONFIG_ARTIFACTS = ("operative_config.gin", "config.gin")  # the resolved config first
+COMMIT_TAGS = ("commit", "mlflow.source.git.commit")
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One finished run: what the report needs and what the export keeps."""
+
+    name: str  # file stem
+    info: dict  # JSON-serialisable identity, provenance and params
+    metrics: dict[str, dict[int, float]]  # metric key -> {round: value}
+    logged_ms: dict[int, int]  # round -> when it was logged (ms since the epoch)
+    config: str  # the operative gin config
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """[(round, value)] in round order, the form :func:`fl_sparse.report.summarize` takes."""
+        return sorted(self.metrics.get(key, {}).items())
+
+
+def _utc(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+def _name(info: dict) -> str:
+    return f"{info['algorithm']}_s{info['seed']}"
+
+
+def _unique_names(records: list[RunRecord]) -> list[RunRecord]:
+    """Records sorted by name; where names collide, each gets its run id's first 8 characters."""
+    count: dict[str, int] = {}
+    for record in records:
+        count[record.name] = count.get(record.name, 0) + 1
+    for record in records:
+        if count[record.name] > 1:
+            record.name = f"{record.name}_{record.info['run_id'][:8]}"
+    return sorted(records, key=lambda r: r.name)
+
+
+def from_mlflow(uri: str, experiment_name: str) -> list[RunRecord]:
+    """Every finished run of the experiment, as records (no files written)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise ConfigError(f"no MLflow experiment {experiment_name!r} at {uri}; pass --tracking-uri / --experiment-name")
+    records = []
+    for run in client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=5000):
+        metrics: dict[str, dict[int, float]] = {}
+        logged_ms: dict[int, int] = {}
+        for key in sorted(run.data.metrics):
+            # Oldest first, so that a round replayed after a resume keeps the value logged last.
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)
+            metrics[key] = {int(m.step): float(m.value) for m in history}
+            if key == "cumulative_gb":  # logged every round
+                logged_ms = {int(m.step): int(m.timestamp) for m in history}
+        params, tags = run.data.params, run.data.tags
+        info = {
+            "format": FORMAT_VERSION, "run_id": run.info.run_id, "run_name": run.info.run_name,
+            "experiment": experiment_name, "algorithm": tags.get("algorithm", "?"), "presets": tags.get("presets", ""),
+            "data": tags.get("data", ""), "seed": params.get("Experiment.seed", "0"), "status": run.info.status,
+            "start_ms": run.info.start_time, "end_ms": run.info.end_time, "start_utc": _utc(run.info.start_time),
+            "end_utc": _utc(run.info.end_time),
+            "commit": next((tags[t] for t in COMMIT_TAGS if t in tags), None),
+            "params": dict(sorted(params.items())),
+        }
+        records.append(RunRecord(_name(info), info, metrics, logged_ms, _config_text(client, run.info.run_id)))
+    if not records:
+        raise ConfigError(f"no finished runs in MLflow experiment {experiment_name!r} at {uri}")
+    return _unique_names(records)
+
+
+def _config_text(client, run_id: str) -> str:
+    available = {item.path for item in client.list_artifacts(run_id)}
+    for artifact in CONFIG_ARTIFACTS:
+        if artifact in available:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                return Path(client.download_artifacts(run_id, artifact, tmp)).read_text()
+    return ""
+
+
+def csv_text(record: RunRecord) -> str:
+    keys = sorted(record.metrics)
+    rounds = sorted(set(record.logged_ms).union(*(set(v) for v in record.metrics.values())))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["round", "logged_ms", *keys])
+    for step in rounds:
+        logged = record.logged_ms.get(step)
+        writer.writerow([step, "" if logged is None else logged,
+                         *("" if step not in record.metrics[key] else repr(record.metrics[key][step]) for key in keys)])
+    return out.getvalue()
+
+
+def write(records: list[RunRecord], out: Path) -> list[Path]:
+    """Write each record as ``<name>.csv``, ``.gin`` and ``.json`` into ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for record in records:
+        files = {".csv": csv_text(record), ".gin": record.config,
+                 ".json": json.dumps(record.info, indent=1, sort_keys=True) + "\n"}
+        for suffix, text in files.items():
+            path = out / f"{record.name}{suffix}"
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def read(directory: Path) -> list[RunRecord]:
+    """The records of an export directory (every ``<name>.json`` with its ``.csv`` and ``.gin``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"--from-export {directory}: no such directory; write one with fl-sparse export")
+    records = []
+    for meta in sorted(directory.glob("*.json")):
+        info = json.loads(meta.read_text())
+        table = meta.with_suffix(".csv")
+        if info.get("format") != FORMAT_VERSION or not table.is_file():
+            raise ConfigError(f"{meta}: not a run export of format {FORMAT_VERSION} with its .csv beside it; "
+                              "export it again with fl-sparse export")
+        rows = list(csv.reader(io.StringIO(table.read_text())))
+        header, body = rows[0], rows[1:]
+        if header[:2] != ["round", "logged_ms"]:
+            raise ConfigError(f"{table}: the header must start with round,logged_ms; export it again")
+        metrics: dict[str, dict[int, float]] = {key: {} for key in header[2:]}
+        logged_ms: dict[int, int] = {}
+        for row in body:
+            step = int(row[0])
+            if row[1]:
+                logged_ms[step] = int(row[1])
+            for key, cell in zip(header[2:], row[2:]):
+                if cell:
+                    metrics[key][step] = float(cell)
+        gin_file = meta.with_suffix(".gin")
+        config = gin_file.read_text() if gin_file.is_file() else ""
+        records.append(RunRecord(meta.stem, info, metrics, logged_ms, config))
+    if not records:
+        raise ConfigError(f"--from-export {directory}: no run exports (*.json) in that directory")
+    return records
