@@ -12,6 +12,7 @@ from fl_sparse.errors import ConfigError
 from fl_sparse.models.layers import BatchAsChannelsMaxPool2d
 from fl_sparse.models.powerprop import Powerprop  # noqa: F401  (gin-registered: Experiment.reparameterization)
 from fl_sparse.models.resnet import ResNet18
+from fl_sparse.models.vit import vit32  # noqa: F401  (gin-registered: ViT32)
 
 
 class LeNet(nn.Module):
