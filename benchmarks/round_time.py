@@ -25,6 +25,7 @@ peak GPU memory; ``auto`` (the default) picks CUDA when present.
     .venv/bin/python benchmarks/round_time.py --data-dir /tmp/cifar_root      # the paper's LeNet setting
     .venv/bin/python benchmarks/round_time.py --quick                         # embedded subset, < 1 min
     .venv/bin/python benchmarks/round_time.py --model resnet18 --rounds 5     # ResNet-18 (cifar10_resnet18)
+    .venv/bin/python benchmarks/round_time.py --data-dir /work/data --model vit --algorithms feddst  # cifar10_vit
     .venv/bin/python benchmarks/round_time.py --data-dir /tmp/cifar_root --device cuda --model resnet18
 
 Without ``--data-dir`` the embedded 2,000-image CIFAR-10 subset is used (5 training images per client at
@@ -45,7 +46,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"lenet": "cifar10_lenet", "resnet18": "cifar10_resnet18"}
+PRESETS = {"lenet": "cifar10_lenet", "resnet18": "cifar10_resnet18", "vit": "cifar10_vit"}
 EXECUTORS = {"sequential": ["Experiment.executor = @Sequential()"],
              "vectorized": ["Experiment.executor = @Vectorized()"],
              "compiled": ["Experiment.executor = @Vectorized()", "Vectorized.compile = True"]}

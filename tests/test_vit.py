@@ -174,3 +174,15 @@ def test_pffdst_runs_two_rounds_on_the_vit_preset(one_thread):
     assert metrics["frozen_fraction"] == pytest.approx(0.15, abs=1e-4)
     assert metrics["density"] == pytest.approx(0.2, abs=1e-4)
     assert torch.count_nonzero(state.weights["pos_embed"]) == state.weights["pos_embed"].numel()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap has no batching rule for the CPU sdpa
+def test_vectorized_matches_sequential_on_the_vit_preset(one_thread):
+    """A FedDST round that readjusts (client prune + regrow by |gradient|) trains the same under both executors:
+    vmap loops over the fused CPU attention kernel, which gives the same values up to float rounding."""
+    from helpers import simulation
+    from test_executors import assert_same_results, run_both, tasks_for
+
+    sim = simulation("feddst", "Readjusting.readjust_every = 1", rounds=4, presets=("cifar10_vit",))
+    sequential, vectorized = run_both(sim, tasks_for(sim, sim.initial_state()), 1)
+    assert_same_results(sequential, vectorized)
