@@ -72,11 +72,24 @@ class Readjusting(SparsitySchedule):
 @gin.configurable
 class TwoStage(Readjusting):
     """PFFDST's two stages (Algorithm 2): stage 1 at s1 = (1+s)/2, stage 2 at s2 = s, each ``rounds/2``
-    long, with differential sparsity f1 = f2 = (1-s)/4 unless bound otherwise."""
+    long, with differential sparsity f1 = f2 = (1-s)/4 unless bound otherwise.
+
+    ``reference_schedule = True`` (opt-in, never a default) runs the schedule as the public reference code
+    executes it rather than as the paper writes it. Its configuration tests flags with ``~`` on Python
+    bools (``~True == -2``, truthy), so for PFFDST all three configuration blocks run and the last wins
+    (SPEC section 5): the differential phase lasts a quarter of *all* rounds, not of a stage (SMR every
+    ``readjust_every`` rounds until round ``rounds // 4``, then the prune to s1; the reference prunes at
+    the start of its 0-based round ``rounds // 4``, which is after our round ``rounds // 4`` when that is a
+    multiple of ``readjust_every`` and after round ``rounds // 4 + 1`` otherwise); stage 2 neither
+    readjusts nor prunes back to s2: it keeps the density 1 - s + f it grew to at the stage switch until
+    the end. The reference's f is (1 - s1)/2 for its ``--sparsity`` s1, which is this schedule's default
+    f = (1 - s)/4.
+    """
 
     def __init__(self, sparsity: float = gin.REQUIRED, rounds: int = gin.REQUIRED,
                  stage1_sparsity: float | None = None, differential: float | None = None,
-                 readjust_every: int = 10, readjust_until: int | None = None, until_fraction: float = 0.25):
+                 readjust_every: int = 10, readjust_until: int | None = None, until_fraction: float = 0.25,
+                 reference_schedule: bool = False):
         stage1 = (1.0 + sparsity) / 2.0 if stage1_sparsity is None else stage1_sparsity
         f = (1.0 - sparsity) / 4.0 if differential is None else differential
         check(0.0 <= sparsity < 1.0, f"TwoStage: sparsity {sparsity} is outside [0, 1); use e.g. --sparsity 0.8")
@@ -84,6 +97,12 @@ class TwoStage(Readjusting):
                                  "trains the weights added on top of the frozen stage-1 ones")
         check(f <= 1.0 - sparsity, f"TwoStage.differential={f:g} exceeds 1 - s = {1.0 - sparsity:g}")
         check(rounds >= 2, f"TwoStage: {rounds} rounds cannot hold two stages; use --rounds 2 or more")
+        self.reference_schedule = bool(reference_schedule)
+        if self.reference_schedule:
+            check(readjust_until is None, "TwoStage.reference_schedule fixes the differential phase to the "
+                                          "reference's rounds // 4; unbind TwoStage.readjust_until")
+            quarter = rounds // 4
+            readjust_until = quarter if quarter % readjust_every == 0 else quarter + 1
         super().__init__(stage1, rounds // 2, f, readjust_every, readjust_until, until_fraction)
         self.stage1_sparsity, self.stage2_sparsity, self.total_rounds = stage1, sparsity, rounds
         _check_stage("TwoStage (stage 2)", sparsity, f, rounds - rounds // 2, readjust_every,
@@ -92,5 +111,7 @@ class TwoStage(Readjusting):
     def phase(self, round: int) -> Phase:
         if round <= self.stage_rounds:
             return self._stage_phase(round, round, 0, self.stage1_sparsity, self.differential, False)
+        if self.reference_schedule:  # the reference's stage 2: fixed at s2 - f to the end
+            return Phase(round, 1, self.stage2_sparsity - self.differential, 0.0, False, False, False, 1.0)
         return self._stage_phase(round, round - self.stage_rounds, 1, self.stage2_sparsity,
                                  self.differential, True)
