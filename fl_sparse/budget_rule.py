@@ -1,0 +1,64 @@
+"""The equal-communication budget of the table presets: FedDST's measured total for the column's round count.
+
+The paper labels each column with a traffic figure (4 GB for LeNet, 34 GB for ResNet-18 at s = 0.9, ...)
+that is its estimate of FedDST's traffic at a round count (200, 400, ... rounds). We measure real payloads
+instead, so every table preset binds the same rule::
+
+    Experiment.budget_gb = @feddst_budget_gb()
+    feddst_budget_gb.rounds = %ROUNDS                     # FedDST's rounds in this column
+    feddst_budget_gb.clients_per_round = 20
+    feddst_budget_gb.bytes_per_client_round = 1448716     # FedDST's measured up + down bytes per client
+
+``bytes_per_client_round`` is what :func:`measure_feddst_bytes` gives for the preset (FedDST's round bytes
+are the same every round: its mask keeps exact per-layer counts, and the codec's size depends on those
+counts only). ``tests/test_budget_rule.py`` measures it again for every preset and fails when a model or
+codec change makes the number stale. Every method then stops before a round that would exceed it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gin
+
+from fl_sparse.errors import check
+
+
+@gin.configurable
+def feddst_budget_gb(rounds: int = gin.REQUIRED, clients_per_round: int = gin.REQUIRED,
+                     bytes_per_client_round: int = gin.REQUIRED) -> float:
+    """``rounds x clients_per_round x bytes_per_client_round`` in GB (1e9 bytes), rounded up to 0.1 MB, so that
+    the float never falls below FedDST's own total: FedDST's last round always fits."""
+    check(rounds >= 1 and clients_per_round >= 1 and bytes_per_client_round >= 1,
+          f"feddst_budget_gb(rounds={rounds}, clients_per_round={clients_per_round}, bytes_per_client_round="
+          f"{bytes_per_client_round}) needs positive integers; see fl_sparse/budget_rule.py")
+    return math.ceil(rounds * clients_per_round * bytes_per_client_round / 1e5) / 1e4
+
+
+def measure_feddst_bytes(presets: list[str], num_classes: int, bindings: list[str] = ()) -> tuple[int, int]:
+    """(uplink, downlink) bytes per client of one FedDST round in the presets' setting: the initial state of
+    ``algorithms/feddst.gin`` (its mask policy at the preset's sparsity, its codecs) encoded both ways. No data
+    are loaded. Parses gin, so it replaces whatever configuration was in force."""
+    import torch
+
+    from fl_sparse import configs
+    from fl_sparse.experiment import Experiment
+    from fl_sparse.interfaces import Link, Message
+    from fl_sparse.sparse.mask_ops import apply_mask
+    from fl_sparse.training import generator
+
+    # CIFAR-100 requires a data_dir before anything is built; nothing is read from it here.
+    configs.parse("feddst", list(presets), ["CIFAR100.data_dir = 'unused'", *bindings])
+    exp = Experiment()
+    torch.manual_seed(0)
+    model = exp.model(num_classes)
+    exp.mask_policy.setup(model, exp.schedule)
+    weights = {name: t.detach() for name, t in model.state_dict().items()}
+    mask = exp.mask_policy.initial_mask(weights, generator(exp.seed, "mask", 0))
+    message = Message(apply_mask(weights, mask), mask)
+    sizes = []
+    for direction, codec in (("up", exp.uplink_codec), ("down", exp.downlink_codec)):
+        link = Link(direction=direction, client_id=0, frozen={}, frozen_values=message.tensors, freeze_version=0,
+                    mask=mask)
+        sizes.append(len(codec.encode(message, link)))
+    return sizes[0], sizes[1]
