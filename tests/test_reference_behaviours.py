@@ -45,3 +45,29 @@ def test_pffdst_with_the_reference_schedule_keeps_stage_2_at_one_minus_s_plus_f(
     expected_after = {1: s1 - f, 2: s1 - f, 3: s1 - f, 4: s1, 5: s1, **{r: s - f for r in range(6, 13)}}
     for _, state, _ in play(sim):
         assert active_counts(state.mask) == counts(expected_after[state.round]), f"round {state.round}"
+
+
+def test_feddst_server_random_tie_break_is_opt_in_seeded_and_exact():
+    """The union holds 100 non-zero weights and 900 regrown zeros; the target keeps 200, so 100 zeros stay."""
+    import torch
+
+    from fl_sparse.interfaces import RoundContext
+    from fl_sparse.parts.mask_policies import ClientReadjust
+    from fl_sparse.parts.schedules import Readjusting
+    from fl_sparse.training import generator
+
+    weights = {"fc.weight": torch.zeros(40, 25)}
+    weights["fc.weight"].view(-1)[torch.arange(100) * 10 + 3] = 1.0
+    mask = {"fc.weight": torch.ones(40, 25, dtype=torch.bool)}
+    kept = {}
+    for tie_break in (False, True, True):
+        policy = ClientReadjust(random_tie_break=tie_break)
+        policy.shapes, policy.schedule = {"fc.weight": (40, 25)}, Readjusting(0.8, 10)
+        ctx = RoundContext(policy.schedule.phase(3), generator(0, "mask", 3))
+        _, new_mask = policy.server_step(ctx, weights, mask, {})
+        assert int(new_mask["fc.weight"].sum()) == policy.counts(0.8)["fc.weight"] == 200
+        assert torch.all(new_mask["fc.weight"][weights["fc.weight"] != 0])
+        kept.setdefault(tie_break, []).append((new_mask["fc.weight"] & (weights["fc.weight"] == 0)).flatten().nonzero())
+    assert kept[False][0].max() < 250  # the default: the lowest flat indices, as before
+    assert torch.equal(kept[True][0], kept[True][1])  # seeded by the round: the same draw again
+    assert kept[True][0].max() > 500 and not torch.equal(kept[True][0], kept[False][0])

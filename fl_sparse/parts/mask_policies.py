@@ -111,12 +111,20 @@ class ClientReadjust(BudgetedMask):
     target sparsity by magnitude. Unlike the reference code, every sampled client readjusts once per
     readjustment round with the decayed ratio (the reference gated rounds by the decayed ratio but
     pruned with the constant one, and only on some clients).
+
+    Regrown weights arrive at the server as exactly 0 and average to 0, so when the union holds fewer
+    non-zero weights than the target count, the server prune must keep some zero-valued coordinates, all
+    tied. By default the lower flat index wins (deterministic, but a positional bias: the first rows of a
+    layer). ``random_tie_break = True`` (opt-in) draws them at random from the round's seeded generator
+    instead. Neither FedDST's paper nor its code chooses by a score: the reference prunes with
+    ``torch.topk`` over the whole tensor, whose order among equal values is unspecified. The clients'
+    growth scores (|gradient|) never reach the server: the uplink carries weights and masks only.
     """
 
-    def __init__(self, ratio: float = 0.01, budget: DensityBudget | None = None):
+    def __init__(self, ratio: float = 0.01, budget: DensityBudget | None = None, random_tie_break: bool = False):
         check(0.0 <= ratio <= 1.0, f"ClientReadjust.ratio={ratio} must lie in [0, 1] (FedDST uses 0.01)")
         super().__init__(budget)
-        self.ratio = ratio
+        self.ratio, self.random_tie_break = ratio, bool(random_tie_break)
 
     def decayed_ratio(self, progress: float) -> float:
         return self.ratio / 2.0 * (1.0 + math.cos(math.pi * progress))
@@ -139,7 +147,8 @@ class ClientReadjust(BudgetedMask):
         return mask_ops.grow_to(pruned_weights, pruned_mask, before, scores, exclude=mask)
 
     def server_step(self, ctx, weights, mask, frozen):
-        weights, mask = mask_ops.prune_to(weights, mask, self.counts(ctx.phase.sparsity), frozen)
+        tie_break = ctx.generator if self.random_tie_break else None
+        weights, mask = mask_ops.prune_to(weights, mask, self.counts(ctx.phase.sparsity), frozen, tie_break=tie_break)
         return self.grow_for_next_stage(ctx, weights, mask)
 
 

@@ -8,7 +8,9 @@ Both primitives work per tensor with an exact target count and never overlap:
   grown weights are set to exactly 0 and active weights are never touched.
 
 Ties are broken by the lower flat index (a stable sort), so results are deterministic. Calling either
-again with the same count changes nothing.
+again with the same count changes nothing. :func:`prune_to` can instead break ties by a seeded random draw
+(``tie_break``): the lower-index rule is a positional bias wherever many coordinates tie, e.g. the
+zero-valued weights FedDST's server must keep to reach its count.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch
 Tensors = dict[str, torch.Tensor]
 
 
-def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the k highest scores among eligible coordinates (stable: lower index wins ties)."""
+def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int,
+                   tie_break: torch.Generator | None = None) -> torch.Tensor:
+    """Flat indices of the k highest scores among eligible coordinates. The lower index wins ties, or, with
+    ``tie_break``, a uniformly random subset of the tied coordinates drawn from that generator."""
     candidates = eligible.flatten().nonzero().squeeze(1)
     if k <= 0 or candidates.numel() == 0:
         return candidates[:0]
@@ -30,17 +34,22 @@ def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torc
     # Same result as a stable descending sort, without sorting all candidates.
     threshold = torch.topk(candidate_scores, k, sorted=False).values.min()
     above = candidate_scores > threshold
-    ties = (candidate_scores == threshold).nonzero().squeeze(1)[: k - int(above.sum())]
+    ties = (candidate_scores == threshold).nonzero().squeeze(1)
+    needed = k - int(above.sum())
+    if tie_break is not None and ties.numel() > needed:
+        ties = ties[torch.randperm(ties.numel(), generator=tie_break).to(ties.device)]
+    ties = ties[:needed]
     chosen = above.clone()
     chosen[ties] = True
     return candidates[chosen]
 
 
 def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Tensors | None = None,
-             scores: Tensors | None = None) -> tuple[Tensors, Tensors]:
+             scores: Tensors | None = None, tie_break: torch.Generator | None = None) -> tuple[Tensors, Tensors]:
     """Keep exactly ``counts[name]`` active coordinates per masked tensor (fewer if fewer are active).
 
-    Scores default to |weight|. Frozen coordinates are always kept.
+    Scores default to |weight|. Frozen coordinates are always kept. Ties at the cut go to the lower flat
+    index, or with ``tie_break`` to a random draw from that generator (tensors in ``mask`` order).
     """
     frozen = frozen or {}
     new_weights, new_mask = dict(weights), dict(mask)
@@ -50,7 +59,7 @@ def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Te
         locked = frozen.get(name, torch.zeros_like(active))
         score = (scores or {}).get(name, weights[name].abs())
         keep_free = max(0, counts[name] - int(locked.sum()))
-        kept = _top_positions(score, active & ~locked, keep_free)
+        kept = _top_positions(score, active & ~locked, keep_free, tie_break)
         pruned_mask = locked.clone().flatten()
         pruned_mask[kept] = True
         pruned_mask = pruned_mask.view_as(active)

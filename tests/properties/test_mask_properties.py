@@ -121,6 +121,43 @@ def test_prune_tie_break_prefers_the_lower_flat_index():
     assert kept["w"].flatten().tolist() == [True, True, True, True, True, False]
 
 
+@given(state=sparse_state(), data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_prune_with_a_random_tie_break_keeps_exact_counts_and_redraws_only_the_ties(state, data, seed):
+    weights, mask, frozen = state
+    counts = counts_for(data.draw, mask)
+    by_index = mask_ops.prune_to(weights, mask, counts, frozen)
+    by_draw = mask_ops.prune_to(weights, mask, counts, frozen, tie_break=torch.Generator().manual_seed(seed))
+    again = mask_ops.prune_to(weights, mask, counts, frozen, tie_break=torch.Generator().manual_seed(seed))
+    assert_same(by_draw[0], again[0]), assert_same(by_draw[1], again[1])  # seeded: the same draw again
+    for name, active in mask.items():
+        kept, w, nw = by_draw[1][name], weights[name], by_draw[0][name]
+        locked = frozen.get(name, torch.zeros_like(active))
+        assert int(kept.sum()) == int(by_index[1][name].sum()), "the same exact count as the index tie-break"
+        assert not torch.any(kept & ~active) and torch.all(kept[locked])
+        changed = kept ^ by_index[1][name]
+        # Only coordinates tied at the cut can differ: the same number swapped in as out, all of one score.
+        assert int((changed & kept).sum()) == int((changed & ~kept).sum())
+        assert len(set(w.abs()[changed].tolist())) <= 1
+        if not changed.any():
+            assert torch.equal(bits(nw), bits(by_index[0][name]))
+        else:
+            assert torch.equal(bits(nw)[kept], bits(w)[kept]) and torch.all(bits(nw)[~kept] == 0)
+
+
+def test_random_tie_break_spreads_the_kept_zeros_over_the_tensor():
+    """FedDST's case: 10 non-zero weights and 990 zeros (regrown, averaged to 0); keep 50."""
+    weights = {"w": torch.zeros(1000)}
+    weights["w"][torch.arange(10) * 100 + 7] = 1.0
+    mask = {"w": torch.ones(1000, dtype=torch.bool)}
+    _, by_index = mask_ops.prune_to(weights, mask, {"w": 50})
+    _, by_draw = mask_ops.prune_to(weights, mask, {"w": 50}, tie_break=torch.Generator().manual_seed(0))
+    zeros_by_index = (by_index["w"] & (weights["w"] == 0)).nonzero().squeeze(1)
+    zeros_by_draw = (by_draw["w"] & (weights["w"] == 0)).nonzero().squeeze(1)
+    assert int(by_draw["w"].sum()) == 50 and torch.all(by_draw["w"][weights["w"] != 0])
+    assert zeros_by_index.tolist() == [i for i in range(41) if i != 7]  # the positional bias
+    assert len(zeros_by_draw) == 40 and zeros_by_draw.max() > 500  # drawn across the whole tensor
+
+
 # ------------------------------------------------------------------------------------------------- grow_to
 
 @given(state=sparse_state(), data=st.data(), use_exclude=st.booleans())
