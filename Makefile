@@ -26,4 +26,4 @@ clean:
 	rm -rf $(VENV) mlflow.db mlruns .pytest_cache .hypothesis
 
 fuzz: install
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/properties/test_codec_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/properties/test_codec_fuzz.py tests/properties/test_codec_bounds.py

@@ -11,7 +11,7 @@ import torch
 
 from fl_sparse import accounting
 from fl_sparse.experiment import Experiment
-from fl_sparse.interfaces import ClientResult, Link, Message, RoundContext, Tensors
+from fl_sparse.interfaces import ClientResult, Link, Message, ModelSchema, RoundContext, Tensors
 from fl_sparse.sparse.mask_ops import apply_mask
 from fl_sparse.training import ClientTask, TrainingJob, evaluate, generator
 
@@ -53,6 +53,7 @@ class Simulation:
         model = exp.model(self.data.num_classes)
         self.model = (exp.reparameterization(model) if exp.reparameterization else model).to(self.device)
         exp.mask_policy.setup(self.model, exp.schedule)
+        self.schema = ModelSchema.of(self.model.state_dict())  # what every decoder checks payloads against
         self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
         self.job = TrainingJob(self.model, self.data, exp.objective, exp.optimizer, exp.mask_policy,
                                exp.local_epochs, exp.batch_size)
@@ -69,7 +70,7 @@ class Simulation:
         return sorted(order[:exp.clients_per_round].tolist())
 
     def _link(self, state: ServerState, direction: str, client: int) -> Link:
-        return Link(direction, client, state.frozen, state.weights, state.freeze_version, state.mask)
+        return Link(direction, client, state.frozen, state.weights, state.freeze_version, state.mask, self.schema)
 
     def _send_down(self, state: ServerState, clients: list[int]) -> tuple[list[ClientTask], int]:
         """Each client's view of the global model, as decoded from the bytes it received."""

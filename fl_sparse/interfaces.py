@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import types
 from typing import Callable, Mapping
 
 import torch
@@ -142,10 +144,44 @@ class Message:
     masks: Tensors  # bool, same shape as tensors[name]; a name absent here is sent dense
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one tensor a receiver accepts."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSchema:
+    """Name, shape and dtype of every tensor a receiver may get: its model's state (parameters and buffers).
+
+    Masks and frozen sets travel under the same names with the same shapes, so this bounds every record of
+    every codec: a decoder checks each record against it before allocating anything. Build it once with
+    :meth:`of` from the receiver's own model, never from what arrives."""
+
+    tensors: Mapping[str, TensorSpec]
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor]) -> "ModelSchema":
+        """The schema of a state dict (``model.state_dict()``) or of any name -> tensor mapping."""
+        return cls(types.MappingProxyType({name: TensorSpec(tuple(tensor.shape), tensor.dtype)
+                                           for name, tensor in state.items()}))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the model's tensors in their own dtypes."""
+        return sum(spec.numel * spec.dtype.itemsize for spec in self.tensors.values())
+
+
 @dataclasses.dataclass
 class Link:
     """Who is talking, and what both ends already know (the frozen part, once it was delivered; on the
-    uplink, the mask the client received this round)."""
+    uplink, the mask the client received this round; the receiver's model schema)."""
 
     direction: str  # "down" (server -> client) or "up" (client -> server)
     client_id: int
@@ -153,12 +189,16 @@ class Link:
     frozen_values: Tensors  # the global weights, from which a receiver restores frozen coordinates
     freeze_version: int  # increases each time the frozen set changes; 0 = nothing frozen
     mask: Tensors = dataclasses.field(default_factory=dict)  # the global mask of this round ({}: none known)
+    # The receiver's model. Decoding bytes from anywhere but this process needs it: without it only the
+    # codec's max_elements bounds a tensor, whatever its name or shape.
+    schema: ModelSchema | None = None
 
 
 class CommCodec(abc.ABC):
     """Turns a :class:`Message` into bytes and back. The only place that knows about bytes:
-    the engine counts ``len(encode(...))`` and nothing else. Decoding validates its input and
-    raises :class:`fl_sparse.errors.PayloadError` on anything malformed."""
+    the engine counts ``len(encode(...))`` and nothing else. Decoding validates its input, against
+    ``link.schema`` when given, before it allocates, and raises :class:`fl_sparse.errors.PayloadError`
+    on anything malformed or not of the receiver's model."""
 
     @abc.abstractmethod
     def encode(self, message: Message, link: Link) -> bytes: ...

@@ -69,8 +69,11 @@ Decoding validates everything and raises only :class:`~fl_sparse.errors.PayloadE
 version, codec id, dtype or encoding code, truncation, trailing bytes, non-UTF-8 or duplicate names,
 out-of-range or unsorted indices, bitmask popcount != value count, set padding bits, non-zero values
 outside the mask, a known-mask tensor the receiver holds no mask for (or whose mask's popcount is not the
-value count). A header claiming more than ``max_elements`` elements in one tensor is refused before
-anything is allocated, so a corrupt payload cannot exhaust memory.
+value count). Given the receiver's model as ``link.schema`` (:class:`~fl_sparse.interfaces.ModelSchema`), it
+also refuses, before allocating anything, more records than the model has tensors, a name the model lacks,
+and a dtype or shape other than the model's, so that no payload makes the receiver allocate more than a small
+constant times its model's size (``docs/design.md``, "What a receiver checks before it allocates"). Without a
+schema, a header claiming more than ``max_elements`` elements in one tensor is refused before allocation.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ import torch
 
 from fl_sparse.errors import ConfigError, PayloadError
 from fl_sparse.interfaces import CommCodec, Link, Message
+from fl_sparse.parts import payload_decoding
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.payload_format import Encoding
 from fl_sparse.sparse.mask_ops import trainable
@@ -131,6 +135,7 @@ class _LayoutCodec(CommCodec):
     masked_encodings: frozenset[Encoding]
 
     def __init__(self, dtype: str = "float32", max_elements: int = DEFAULT_MAX_ELEMENTS):
+        """``max_elements`` bounds one decoded tensor when the link carries no schema."""
         self.dtype = dtype
         self._float_wire = _float_wire(dtype)
         if not isinstance(max_elements, int) or max_elements < 1:
@@ -141,8 +146,11 @@ class _LayoutCodec(CommCodec):
         return fmt.encode_message(message, self.codec_id, self._float_wire, LAYOUTS[self.layout])
 
     def decode(self, payload: bytes, link: Link) -> Message:
-        return fmt.decode_message(payload, self.codec_id, self._float_wire, self.masked_encodings,
-                                  self.max_elements)
+        return payload_decoding.decode_message(payload, self.codec_id, self._acceptance(link))
+
+    def _acceptance(self, link: Link, known: fmt.KnownMasks = None) -> payload_decoding.Acceptance:
+        return payload_decoding.Acceptance(self._float_wire, self.masked_encodings, self.max_elements, link.schema,
+                                           known)
 
     def same_for_every_client(self, link: Link) -> bool:
         return True
@@ -234,8 +242,7 @@ class KnownMaskSparse(AutoSparse):
 
     def decode(self, payload: bytes, link: Link) -> Message:
         _check_link(link)
-        return fmt.decode_message(payload, self.codec_id, self._float_wire, self.masked_encodings,
-                                  self.max_elements, self._known(link))
+        return payload_decoding.decode_message(payload, self.codec_id, self._acceptance(link, self._known(link)))
 
     def closed_form_size(self, message: Message, link: Link | None = None) -> int:
         """Exact ``len(self.encode(message, link))``; without a link, as on the downlink."""
@@ -331,7 +338,7 @@ class FreezeAware(CommCodec):
         _check_link(link)
         if link.freeze_version == 0:
             return self.inner.decode(payload, link)
-        main_bytes, frozen_bytes = fmt.unpack_freeze_frame(payload, link.freeze_version)
+        main_bytes, frozen_bytes = payload_decoding.unpack_freeze_frame(payload, link.freeze_version)
         main = self._decode_section(main_bytes, link, "main section")
         if frozen_bytes is None:
             frozen_masks = {name: link.frozen[name] for name in main.masks if name in link.frozen}

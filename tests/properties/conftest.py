@@ -5,7 +5,8 @@
 * ``ci``   -- modest example counts so the whole folder runs in well under a minute on 2 cores;
               still randomised run to run (``derandomize=False``), so CI keeps exploring.
 * ``fuzz`` -- 10,000 examples per property, for long local or nightly runs, e.g.
-              ``HYPOTHESIS_PROFILE=fuzz .venv/bin/python -m pytest -q tests/properties/test_codec_fuzz.py``.
+              ``HYPOTHESIS_PROFILE=fuzz .venv/bin/python -m pytest -q tests/properties/test_codec_fuzz.py
+              tests/properties/test_codec_bounds.py`` (``make fuzz``).
 
 Tests with an explicit ``@settings(max_examples=...)`` (the simulation-backed one) keep their own count.
 Loading a profile sets hypothesis' global default, so it also applies to other ``@given`` tests of the

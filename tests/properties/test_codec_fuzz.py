@@ -7,14 +7,18 @@ trailing bytes of valid payloads, bit flips and byte overwrites of valid payload
 whose fields are each valid or arbitrary (wrong dtype / encoding codes, lying counts, unsorted or out-of-range
 indices, set padding bits, non-zero values outside the mask, ...), wrong magic / version / codec id /
 FreezeAware flags / freeze version, and absurd length fields (10**12 elements, 2**64 - 1 values, 2**32 - 1
-tensors, 2**64 - 1 byte sections). A message that does decode must be well formed and, for the fixed-layout
-codecs, canonical (re-encoding it gives back the same bytes).
+tensors, 2**64 - 1 byte sections). Mutations of real payloads are decoded against the message's schema; crafted
+records, whose names and shapes are arbitrary, without one (bounded by ``max_elements``). A message that does
+decode must be well formed, of the receiver's model when it has a schema and, for the fixed-layout codecs,
+canonical (re-encoding it gives back the same bytes). Inflated shapes, counts and record counts against a
+schema, with measured memory, are in ``test_codec_bounds.py``.
 
 The last tests plant a bug (one validation removed) and check that the default profile finds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 import time
@@ -29,7 +33,8 @@ from hypothesis.errors import HypothesisException
 from hypothesis.extra import numpy as hnp
 
 from fl_sparse.errors import PayloadError
-from fl_sparse.interfaces import Link, Message
+from fl_sparse.interfaces import Link, Message, ModelSchema
+from fl_sparse.parts import payload_decoding
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices
 
@@ -77,16 +82,17 @@ def small_messages(draw) -> Message:
 
 
 def build_case(case: str, message: Message, draw) -> tuple[object, bytes, Link]:
-    """(codec, a valid payload, the link to decode it with) for one of ``CASES``."""
+    """(codec, a valid payload, the link to decode it with, carrying the message's schema) for one of ``CASES``."""
+    up = dataclasses.replace(UP, schema=ModelSchema.of(message.tensors))
     if case in LAYOUT_CODECS:
         codec = LAYOUT_CODECS[case]()
-        return codec, codec.encode(message, UP), UP
+        return codec, codec.encode(message, up), up
     if case == "FreezeAware":
-        return FreezeAware(), FreezeAware().encode(message, UP), UP
+        return FreezeAware(), FreezeAware().encode(message, up), up
     frozen = {name: mask & torch.from_numpy(draw(hnp.arrays(np.bool_, mask.shape)))
               for name, mask in message.masks.items()}
     direction = "up" if case.endswith("up") else "down"
-    link = Link(direction, 1, frozen, dict(message.tensors), FREEZE_VERSION)
+    link = Link(direction, 1, frozen, dict(message.tensors), FREEZE_VERSION, schema=up.schema)
     return FreezeAware(), FreezeAware().encode(message, link), link  # a fresh downlink codec owes the frozen part
 
 
@@ -112,6 +118,9 @@ def assert_well_formed(codec, decoded: Message, link: Link, payload: bytes | Non
     assert set(decoded.masks) <= set(decoded.tensors)
     limit = getattr(codec, "inner", codec).max_elements
     assert all(t.numel() <= limit for t in decoded.tensors.values()), "a tensor beyond max_elements got through"
+    if link.schema is not None:
+        assert all((tuple(t.shape), t.dtype) == (link.schema.tensors[name].shape, link.schema.tensors[name].dtype)
+                   for name, t in decoded.tensors.items()), "a tensor unlike the receiver's model got through"
     for name, tensor in decoded.tensors.items():
         assert isinstance(tensor, torch.Tensor)
         mask = decoded.masks.get(name)
@@ -422,7 +431,7 @@ def test_planted_missing_truncation_check_is_found(monkeypatch):
         self._pos += size
         return chunk
 
-    monkeypatch.setattr(fmt.Reader, "take", take_unchecked)
+    monkeypatch.setattr(payload_decoding.Reader, "take", take_unchecked)
 
     def prop(data):  # the truncation property, over all codec cases at once
         case = data.draw(st.sampled_from(CASES))
@@ -439,7 +448,7 @@ def test_planted_missing_index_range_check_is_found(monkeypatch):
             raise PayloadError(f"{label}: indices are not strictly increasing")
         return indices.astype(np.intp)
 
-    monkeypatch.setattr(fmt, "_read_indices", read_indices_unchecked)
+    monkeypatch.setattr(payload_decoding, "_read_indices", read_indices_unchecked)
 
     def prop(data):  # the crafted-records property, as it runs for its SparseIndices case
         check_garbage(SparseIndices(), data.draw(crafted_payload("SparseIndices")), UP)
