@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-slow fuzz clean
+.PHONY: install demo test test-kernels-down test-slow fuzz clean
 
 $(BIN)/fl-sparse: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# The kernels-marked tests again, with the CPU kernels forced one ISA level below the host's (see the script).
+test-kernels-down: install
+	HF_HUB_OFFLINE=1 $(BIN)/python tools/kernels_down.py
 
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow

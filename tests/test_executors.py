@@ -24,6 +24,8 @@ from helpers import play, simulation
 ATOL = 1e-5
 SIZES = (7, 33, 130)  # 1, 2 and 5 batches of 32 per epoch; short last batches everywhere
 
+pytestmark = pytest.mark.kernels  # two executors' float results: rerun with the CPU kernels forced down too
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

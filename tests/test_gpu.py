@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ATOL = 1e-4
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddst", "pffdst"])
 @pytest.mark.parametrize("executor", ["@Sequential()", "@Vectorized()"])
 def test_a_round_on_cuda_matches_the_cpu(algorithm, executor):

@@ -1,10 +1,18 @@
-"""BatchAsChannelsMaxPool2d must be nn.MaxPool2d bit for bit: values, chosen maxima and gradients."""
+"""BatchAsChannelsMaxPool2d must be nn.MaxPool2d bit for bit: values, chosen maxima and gradients.
 
+Bitwise although the two run different kernels (channels-last against contiguous pooling): a max does no
+rounding, and both backward kernels add each plane's upstream gradients into an input cell in the same
+(output row, output column) order, whatever the vector width. The forced-down pass (make test-kernels-down)
+checks that on the lower ISA too."""
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fl_sparse.models.layers import BatchAsChannelsMaxPool2d
+
+pytestmark = pytest.mark.kernels
 
 
 def _input_with_ties(batch, channels, size, seed, channels_last):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.func import grad
 
@@ -11,6 +12,7 @@ def _grads(objective, params, global_params, x, y):
     return grad(loss)(params)
 
 
+@pytest.mark.kernels
 def test_fedprox_term_changes_the_gradient_by_exactly_mu_times_the_drift():
     torch.manual_seed(0)
     x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
@@ -25,6 +27,7 @@ def test_fedprox_term_changes_the_gradient_by_exactly_mu_times_the_drift():
         assert (prox[name] - plain[name]).abs().max() > 0.01  # not a no-op, unlike the reference
 
 
+@pytest.mark.kernels
 def test_sgd_matches_torch_sgd_when_everything_is_trainable():
     torch.manual_seed(1)
     p = torch.randn(20)

@@ -26,6 +26,7 @@ def test_effective_weight_has_zero_finite_gradient_at_zero():
     assert torch.allclose(v.grad, 1.25 * v.detach().abs() ** 0.25)
 
 
+@pytest.mark.kernels
 def test_powerprop_keeps_names_and_starts_from_the_base_models_effective_weights():
     torch.manual_seed(0)
     base = LeNet(10)
@@ -53,6 +54,7 @@ def _layers(kind):
     return Powerprop(beta=1.0, prune_activations=True)(layer), plain, x
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_activation_pruning_changes_only_the_weight_gradient(kind):
     pruned_layer, plain, x = _layers(kind)
@@ -60,11 +62,12 @@ def test_activation_pruning_changes_only_the_weight_gradient(kind):
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = pruned_layer(x1)
     want = plain(x2)
-    assert torch.equal(out, want)  # the forward pass is exact
+    assert torch.equal(out, want)  # the forward pass is exact: the same F.conv2d / F.linear call on the same input
     upstream = torch.randn_like(out)
     out.backward(upstream)
     want.backward(upstream)
-    assert torch.allclose(x1.grad, x2.grad, atol=1e-6)  # so is the input gradient
+    # Backward: our hand-written one against autograd's, not necessarily the same kernel calls: a tolerance
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6)  # the input gradient is unchanged
     assert torch.allclose(pruned_layer.bias.grad, plain.bias.grad, atol=1e-6)
     # the weight gradient is the one of the same layer fed the pruned input
     reference = plain.weight.detach().clone().requires_grad_()
@@ -75,6 +78,7 @@ def test_activation_pruning_changes_only_the_weight_gradient(kind):
     assert int(torch.count_nonzero(kept)) == math.ceil(density * x.numel())
 
 
+@pytest.mark.kernels
 def test_evaluation_and_no_grad_never_prune():
     pruned_layer, plain, x = _layers("linear")
     pruned_layer.eval()

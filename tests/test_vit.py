@@ -176,6 +176,7 @@ def test_pffdst_runs_two_rounds_on_the_vit_preset(one_thread):
     assert torch.count_nonzero(state.weights["pos_embed"]) == state.weights["pos_embed"].numel()
 
 
+@pytest.mark.kernels
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap has no batching rule for the CPU sdpa
 def test_vectorized_matches_sequential_on_the_vit_preset(one_thread):
     """A FedDST round that readjusts (client prune + regrow by |gradient|) trains the same under both executors:

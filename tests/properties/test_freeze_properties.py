@@ -58,6 +58,7 @@ def test_trainable_is_the_mask_minus_the_frozen_set(state):
         assert torch.equal(train[name] | f, m), "every masked coordinate is frozen or trainable"
 
 
+@pytest.mark.kernels  # against torch.optim.SGD's own (foreach) kernels, with a tolerance
 @given(state=frozen_state(), steps=st.integers(1, 5), seed=st.integers(0, 2**32 - 1),
        lr=st.sampled_from([1e-3, 0.01, 0.5]), momentum=st.sampled_from([0.0, 0.5, 0.9]),
        weight_decay=st.sampled_from([0.0, 1e-3, 0.1]), grad_scale=st.sampled_from([1e-3, 1.0, 1e3]))
