@@ -1,8 +1,8 @@
 """Checkpoints: the whole server state in safetensors + JSON (no pickle), written atomically.
 
 A checkpoint is a directory ``round-NNNNNN`` holding ``tensors.safetensors`` (global weights, mask,
-frozen set, server optimiser state) and ``state.json`` (round, byte and FLOP counters, codec state,
-MLflow run id, the gin config, and the SHA-256 of the tensor file). It is written under a temporary
+frozen set, server optimiser state, what the freeze policy remembers) and ``state.json`` (round, byte
+and FLOP counters, codec state, MLflow run id, the gin config, and the SHA-256 of the tensor file). It is written under a temporary
 name and renamed, so a crash never leaves a half-written checkpoint under a real name; older ones are
 removed only after a newer one is complete. Every random draw of a run is keyed by (seed, stream,
 round, client), so the seed in the config is all the RNG state there is.
@@ -45,6 +45,7 @@ def save(directory: Path, state: ServerState, extra: dict) -> Path:
     tensors |= {f"mask/{k}": v for k, v in state.mask.items()}
     tensors |= {f"frozen/{k}": v for k, v in state.frozen.items()}
     tensors |= {f"server/{k}": v for k, v in extra.pop("server_tensors", {}).items()}
+    tensors |= {f"freeze/{k}": v for k, v in extra.pop("freeze_tensors", {}).items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
     meta = {"format": FORMAT_VERSION, "round": state.round, "freeze_version": state.freeze_version,
             "cumulative_bytes": state.cumulative_bytes, "cumulative_flops": state.cumulative_flops,
@@ -87,7 +88,7 @@ def load(path: Path) -> tuple[ServerState, dict]:
 
     state = ServerState(group("weights"), group("mask"), group("frozen"), meta["round"],
                         meta["freeze_version"], meta["cumulative_bytes"], meta["cumulative_flops"])
-    meta["server_tensors"] = group("server")
+    meta["server_tensors"], meta["freeze_tensors"] = group("server"), group("freeze")
     return state, meta
 
 
@@ -104,7 +105,7 @@ class Checkpointer:
             save(self.directory, event.state, {
                 "mlflow_run_id": self.run_id, "config": self.config_text, "checkpoint_every": self.every,
                 "codec_state": {"uplink": exp.uplink_codec.state_dict(), "downlink": exp.downlink_codec.state_dict()},
-                "server_tensors": exp.aggregator.state_dict()})
+                "server_tensors": exp.aggregator.state_dict(), "freeze_tensors": exp.freeze_policy.state_dict()})
 
 
 def read(directory: Path, config_text: str) -> tuple[ServerState, dict]:
@@ -121,6 +122,7 @@ def apply(simulation, state: ServerState, meta: dict) -> ServerState:
     """Hand the checkpointed server-side state to the simulation's parts; returns the state on its device."""
     exp = simulation.experiment
     exp.aggregator.load_state_dict({k: v.to(simulation.device) for k, v in meta["server_tensors"].items()})
+    exp.freeze_policy.load_state_dict({k: v.to(simulation.device) for k, v in meta["freeze_tensors"].items()})
     exp.uplink_codec.load_state_dict(meta["codec_state"]["uplink"])
     exp.downlink_codec.load_state_dict(meta["codec_state"]["downlink"])
     move = lambda tensors: {k: v.to(simulation.device) for k, v in tensors.items()}  # noqa: E731

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from typing import Callable
@@ -125,6 +126,8 @@ class Simulation:
         weights, mask, frozen, freeze_version = state.weights, state.mask, state.frozen, state.freeze_version
         if uploads:
             weights, mask = exp.aggregator.aggregate(weights, mask, frozen, uploads)
+            evaluate_aggregated = functools.partial(evaluate, self.model, weights, self.data)  # only if asked
+            weights, mask = exp.freeze_policy.stage_start_model(ctx, weights, mask, evaluate_aggregated)
             frozen = exp.freeze_policy.server_step(ctx, weights, mask, frozen)
             freeze_version += frozen is not state.frozen
             weights, mask = exp.mask_policy.server_step(ctx, weights, mask, frozen)
@@ -162,6 +165,7 @@ class Simulation:
             evaluated = state.round % exp.eval_every == 0 or state.round == exp.rounds
             if evaluated:
                 metrics.update(evaluate(self.model, state.weights, self.data))
+                exp.freeze_policy.observe(state.round, state.weights, state.mask, metrics)
             for callback in callbacks:
                 callback(RoundEvent(state.round, metrics, state, evaluated))
         return state

@@ -10,8 +10,10 @@ every round ``r`` (1-based, as in the paper):
                                              under ``trainable = mask & ~frozen``, then MaskPolicy.client_step
     4. CommCodec.encode / decode             uplink: client weights + client mask -> bytes -> server
     5. Aggregator.aggregate                  client results -> new global weights and union mask
-    6. FreezePolicy.server_step              may freeze weights when a stage ends
+    6. FreezePolicy.stage_start_model        the model the round goes on with (default: the aggregated one)
+       FreezePolicy.server_step              may freeze weights when a stage ends
     7. MaskPolicy.server_step                may prune / grow the global mask
+    8. evaluation (every ``eval_every`` rounds), then FreezePolicy.observe
 
 An optional ``ModelReparameterization`` (SparsyFed's Powerprop) is applied once to the model before round 1.
 
@@ -117,6 +119,23 @@ class FreezePolicy(abc.ABC):
     @abc.abstractmethod
     def server_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors, frozen: Tensors) -> Tensors:
         """Called on the server after aggregation; returns the new frozen set (a subset of ``mask``)."""
+
+    def stage_start_model(self, ctx: RoundContext, weights: Tensors, mask: Tensors,
+                          evaluate: Callable[[], Mapping[str, float]]) -> tuple[Tensors, Tensors]:
+        """Called on the server after aggregation, before :meth:`server_step`: the (weights, mask) the round
+        goes on with, i.e. when a stage ends, the model the next stage starts from. ``evaluate()`` evaluates
+        the aggregated model on the test set, only if called. The default keeps the aggregated model."""
+        return weights, mask
+
+    def observe(self, round: int, weights: Tensors, mask: Tensors, evaluation: Mapping[str, float]) -> None:
+        """Called after each evaluated round with the global model and its test-set metrics; default: nothing."""
+
+    def state_dict(self) -> Tensors:
+        """What the policy remembers across rounds, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        pass
 
 
 class Aggregator(abc.ABC):

@@ -71,3 +71,81 @@ def test_feddst_server_random_tie_break_is_opt_in_seeded_and_exact():
     assert kept[False][0].max() < 250  # the default: the lowest flat indices, as before
     assert torch.equal(kept[True][0], kept[True][1])  # seeded by the round: the same draw again
     assert kept[True][0].max() > 500 and not torch.equal(kept[True][0], kept[False][0])
+
+
+# --------------------------------------------------------------- stage 2 from the best stage-1 model (test set)
+
+def test_freeze_policy_picks_the_best_evaluated_model_earliest_on_ties_and_is_off_by_default():
+    import torch
+
+    from fl_sparse.interfaces import Phase, RoundContext
+    from fl_sparse.parts.freezing import FreezeAtStage
+
+    def model(value):
+        return {"w": torch.full((3,), float(value))}, {"w": torch.ones(3, dtype=torch.bool)}
+
+    switch = RoundContext(Phase(5, 0, 0.9, 0.0, False, False, True, 1.0), torch.Generator())
+    never = lambda: pytest.fail("the default must not evaluate anything")  # noqa: E731
+    assert FreezeAtStage().stage_start_model(switch, *model(5), never)[0]["w"][0] == 5
+
+    policy = FreezeAtStage(reference_stage2_from_best_test=True)
+    for r, accuracy in [(1, 0.2), (2, 0.5), (3, 0.5), (4, 0.3)]:
+        policy.observe(r, *model(r), {"local_accuracy": accuracy})
+    restored = FreezeAtStage(reference_stage2_from_best_test=True)
+    restored.load_state_dict(policy.state_dict())  # what a checkpoint keeps
+    for chooser in (policy, restored):
+        with pytest.warns(UserWarning, match="round 2 .*TEST set"):
+            weights, _ = chooser.stage_start_model(switch, *model(5), lambda: {"local_accuracy": 0.5})
+        assert weights["w"][0] == 2  # round 3 ties with round 2 and the last model: the earliest wins
+    policy.observe(6, *model(6), {"local_accuracy": 0.1})  # stage 2 selects among its own models only
+    with pytest.warns(UserWarning, match="round 5"):
+        assert policy.stage_start_model(switch, *model(5), lambda: {"local_accuracy": 0.2})[0]["w"][0] == 5
+
+
+class RoundKeyedEvaluation:
+    """Stands in for the test-set evaluation: stage-1 accuracies 30, 60, 40 % after rounds 1-3 and 50 % for the
+    last stage-1 model (round 4), evaluated at the switch, so stage 2 must start from round 2's model."""
+
+    def __init__(self, rounds_done: int = 0):
+        self.rounds_done, self.calls = rounds_done, {}
+
+    def __call__(self, model, weights, data):
+        nth = self.calls[self.rounds_done] = self.calls.get(self.rounds_done, -1) + 1
+        r = self.rounds_done + 1
+        accuracy = 0.5 if (r, nth) == (4, 0) else {1: 0.3, 2: 0.6, 3: 0.4}.get(r, 0.2)
+        return {"test_accuracy": accuracy, "local_accuracy": accuracy, "test_loss": 1.0}
+
+    def callback(self, event):
+        self.rounds_done = event.round
+
+
+def test_pffdst_stage_2_starts_from_the_best_stage_1_model_and_resumes_exactly(tmp_path, monkeypatch):
+    import torch
+
+    from fl_sparse import checkpoint, engine
+
+    bindings = ("FreezeAtStage.reference_stage2_from_best_test = True", "Experiment.eval_every = 1")
+    evaluation = RoundKeyedEvaluation()
+    monkeypatch.setattr(engine, "evaluate", evaluation)
+    sim = simulation("pffdst", *bindings, rounds=8)
+    states = {}
+    saver = checkpoint.Checkpointer(tmp_path, 3, sim, None, "config")
+    callbacks = [evaluation.callback, lambda e: states.__setitem__(e.round, e.state),
+                 lambda e: saver(e) if e.round == 3 else None]
+    with pytest.warns(UserWarning, match="round 4: stage 2 starts from the global model of round 2"):
+        final = sim.run(callbacks=callbacks)
+    chosen = states[2]
+    for name, frozen in states[4].frozen.items():
+        assert torch.equal(frozen, chosen.mask[name] & (chosen.weights[name] != 0)), name
+        assert torch.equal(states[4].weights[name][frozen], chosen.weights[name][frozen]), name
+    assert any(not torch.equal(states[3].weights[n], chosen.weights[n]) for n in chosen.weights)
+
+    # Resumed after round 3 (round 2's model is only in the checkpoint), the run ends bitwise the same.
+    evaluation = RoundKeyedEvaluation(rounds_done=3)
+    monkeypatch.setattr(engine, "evaluate", evaluation)
+    resumed_sim = simulation("pffdst", *bindings, rounds=8)
+    state, meta = checkpoint.load(checkpoint.latest(tmp_path))
+    with pytest.warns(UserWarning, match="round 2"):
+        resumed = resumed_sim.run(checkpoint.apply(resumed_sim, state, meta), callbacks=[evaluation.callback])
+    for name in final.weights:
+        assert torch.equal(resumed.weights[name], final.weights[name]), name
