@@ -83,7 +83,8 @@ class TwoStage(Readjusting):
     multiple of ``readjust_every`` and after round ``rounds // 4 + 1`` otherwise); stage 2 neither
     readjusts nor prunes back to s2: it keeps the density 1 - s + f it grew to at the stage switch until
     the end. The reference's f is (1 - s1)/2 for its ``--sparsity`` s1, which is this schedule's default
-    f = (1 - s)/4.
+    f = (1 - s)/4. This is what the reference runs for PFFDST (``--freeze --server-readjustment``). For
+    PFFDST w/o SMR (``--freeze`` alone) only the second block runs there, so this flag does not describe it.
     """
 
     def __init__(self, sparsity: float = gin.REQUIRED, rounds: int = gin.REQUIRED,
