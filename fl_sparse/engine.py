@@ -70,59 +70,95 @@ class Simulation:
         order = torch.randperm(exp.num_clients, generator=generator(exp.stream_seed("sampling"), "sampling", round))
         return sorted(order[:exp.clients_per_round].tolist())
 
-    def _link(self, state: ServerState, direction: str, client: int) -> Link:
+    # The round's steps, shared by play_round (in-process clients) and fl_sparse.flower (remote clients).
+
+    def round_context(self, round: int) -> RoundContext:
+        return RoundContext(self.experiment.schedule.phase(round), generator(self.experiment.seed, "mask", round))
+
+    def open_round(self, state: ServerState) -> tuple[RoundContext, list[int]]:
+        """The context and the sampled clients of round ``state.round + 1``."""
+        return self.round_context(state.round + 1), self.sample_clients(state.round + 1)
+
+    def link(self, state: ServerState, direction: str, client: int) -> Link:
         return Link(direction, client, state.frozen, state.weights, state.freeze_version, state.mask, self.schema)
+
+    def encode_downlinks(self, state: ServerState, clients: list[int]) -> list[bytes]:
+        """Each client's downlink payload. One that is the same for every client is encoded once and
+        returned as the same ``bytes`` object for each (and still counted once per client)."""
+        codec, payloads, broadcast = self.experiment.downlink_codec, [], None
+        for client in clients:
+            link = self.link(state, "down", client)
+            payload = broadcast or codec.encode(Message(state.weights, state.mask), link)
+            if broadcast is None and codec.same_for_every_client(link):
+                broadcast = payload
+            payloads.append(payload)
+        return payloads
+
+    def task(self, client: int, received: Message, frozen: Tensors, round: int) -> ClientTask:
+        """What ``client`` trains on in ``round``, from the downlink it decoded and the frozen set it holds."""
+        return ClientTask(client, received.tensors, received.masks, frozen, self.data.client_train[client],
+                          self.experiment.seed, round)
+
+    def accept_upload(self, state: ServerState, result: ClientResult, payload: bytes) -> ClientResult | None:
+        """``result`` with the weights and mask the server decodes from ``payload``, or None (and a
+        warning) when the payload is malformed or does not fit the model."""
+        r = state.round + 1
+        try:
+            received = self.experiment.uplink_codec.decode(payload, self.link(state, "up", result.client_id))
+            upload = dataclasses.replace(result, weights=received.tensors, mask=received.masks)
+            problem = _invalid_update(upload, state.weights)
+        except ValueError as error:  # PayloadError, or a Link the payload does not fit
+            problem = str(error)
+        if problem:
+            warnings.warn(f"round {r}: client {result.client_id} rejected: {problem}", stacklevel=2)
+            return None
+        return upload
 
     def _send_down(self, state: ServerState, clients: list[int]) -> tuple[list[ClientTask], int]:
         """Each client's view of the global model, as decoded from the bytes it received."""
-        exp, tasks, sent = self.experiment, [], 0
-        broadcast = None  # (bytes, decoded) of a payload that is the same for every client
-        for client in clients:
-            link = self._link(state, "down", client)
-            if broadcast is None:
-                payload = exp.downlink_codec.encode(Message(state.weights, state.mask), link)
-                size, received = len(payload), exp.downlink_codec.decode(payload, link)
-                if exp.downlink_codec.same_for_every_client(link):
-                    broadcast = size, received  # clients never modify what they receive in place
-            else:
-                size, received = broadcast
-            sent += size
-            tasks.append(ClientTask(client, received.tensors, received.masks, state.frozen,
-                                    self.data.client_train[client], exp.seed, state.round + 1))
-        return tasks, sent
+        codec, tasks, decoded = self.experiment.downlink_codec, [], {}
+        payloads = self.encode_downlinks(state, clients)
+        for client, payload in zip(clients, payloads):
+            if id(payload) not in decoded:  # clients never modify what they receive in place
+                decoded[id(payload)] = codec.decode(payload, self.link(state, "down", client))
+            tasks.append(self.task(client, decoded[id(payload)], state.frozen, state.round + 1))
+        return tasks, sum(map(len, payloads))
 
     def _receive_up(self, state: ServerState, results: list[ClientResult]) -> tuple[list[ClientResult], int]:
         """The client updates as the server decodes them; bad ones are rejected with a warning."""
-        exp, uploads, received_bytes, r = self.experiment, [], 0, state.round + 1
+        uploads, received_bytes = [], 0
         for result in results:
-            link = self._link(state, "up", result.client_id)
             try:
-                payload = exp.uplink_codec.encode(Message(result.weights, result.mask), link)
-                received_bytes += len(payload)
-                received = exp.uplink_codec.decode(payload, link)
-            except ValueError as error:  # PayloadError, or a message the codec cannot even encode
-                warnings.warn(f"round {r}: client {result.client_id} rejected: {error}", stacklevel=3)
+                payload = self.experiment.uplink_codec.encode(Message(result.weights, result.mask),
+                                                              self.link(state, "up", result.client_id))
+            except ValueError as error:  # a message the codec cannot even encode
+                warnings.warn(f"round {state.round + 1}: client {result.client_id} rejected: {error}", stacklevel=3)
                 continue
-            upload = dataclasses.replace(result, weights=received.tensors, mask=received.masks)
-            problem = _invalid_update(upload, state.weights)
-            if problem:
-                warnings.warn(f"round {r}: client {result.client_id} rejected: {problem}", stacklevel=3)
-                continue
-            uploads.append(upload)
+            received_bytes += len(payload)
+            upload = self.accept_upload(state, result, payload)
+            if upload is not None:
+                uploads.append(upload)
         return uploads, received_bytes
 
+    def training_flops(self, state: ServerState, clients: list[int]) -> float:
+        """Training FLOPs of the round's clients, each under the global mask and frozen set it received."""
+        epochs = self.experiment.local_epochs
+        return sum(accounting.training_flops(self.macs, state.mask, state.frozen,
+                                             len(self.data.client_train[client]) * epochs) for client in clients)
+
     def play_round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
-        exp, r = self.experiment, state.round + 1
-        ctx = RoundContext(exp.schedule.phase(r), generator(exp.seed, "mask", r))
-        clients = self.sample_clients(r)
+        ctx, clients = self.open_round(state)
         started = time.perf_counter()
-
         tasks, down_bytes = self._send_down(state, clients)
-        results = exp.executor.train(self.job, tasks, ctx)
+        results = self.experiment.executor.train(self.job, tasks, ctx)
         uploads, up_bytes = self._receive_up(state, results)
+        return self.close_round(state, ctx, clients, uploads, up_bytes, down_bytes, started)
 
-        flops = sum(accounting.training_flops(self.macs, task.mask, task.frozen, len(task.indices) * exp.local_epochs)
-                    for task in tasks)
+    def close_round(self, state: ServerState, ctx: RoundContext, clients: list[int], uploads: list[ClientResult],
+                    up_bytes: int, down_bytes: int, started: float) -> tuple[ServerState, dict[str, float]]:
+        """Aggregate the accepted uploads, run the freeze and mask policies, and count the round."""
+        exp, r = self.experiment, state.round + 1
+        flops = self.training_flops(state, clients)
         weights, mask, frozen, freeze_version = state.weights, state.mask, state.frozen, state.freeze_version
         if uploads:
             weights, mask = exp.aggregator.aggregate(weights, mask, frozen, uploads)
@@ -138,7 +174,7 @@ class Simulation:
         new_state = ServerState(weights, mask, frozen, r, freeze_version,
                                 state.cumulative_bytes + up_bytes + down_bytes, state.cumulative_flops + flops)
         metrics = {
-            "rejected_clients": float(len(results) - len(uploads)),
+            "rejected_clients": float(len(clients) - len(uploads)),
             "train_loss": _weighted_loss(uploads),
             "uplink_bytes": float(up_bytes), "downlink_bytes": float(down_bytes),
             "uplink_bytes_per_client": up_bytes / len(clients),
@@ -150,14 +186,16 @@ class Simulation:
         }
         return new_state, metrics
 
-    def run(self, state: ServerState | None = None, callbacks: list[Callback] = ()) -> ServerState:
-        """Play the remaining rounds. With ``Experiment.budget_gb`` the run ends before a round whose
-        measured bytes would take the cumulative total over the budget (that round is discarded)."""
-        exp = self.experiment
+    def run(self, state: ServerState | None = None, callbacks: list[Callback] = (),
+            play_round: Callable[[ServerState], tuple[ServerState, dict[str, float]]] | None = None) -> ServerState:
+        """Play the remaining rounds (with :meth:`play_round`, or another player of the same steps, such as
+        Flower's server). With ``Experiment.budget_gb`` the run ends before a round whose measured bytes
+        would take the cumulative total over the budget (that round is discarded)."""
+        exp, play_round = self.experiment, play_round or self.play_round
         state = state or self.initial_state()
         budget = None if exp.budget_gb is None else exp.budget_gb * 1e9
         while state.round < exp.rounds:
-            candidate, metrics = self.play_round(state)
+            candidate, metrics = play_round(state)
             if budget is not None and candidate.cumulative_bytes > budget:
                 self.stopped_by_budget = True
                 break

@@ -368,6 +368,17 @@ class FreezeAware(CommCodec):
             masks[name] = torch.from_numpy(np.asarray(sent_mask_np | frozen_np))
         return Message(tensors=tensors, masks=masks)
 
+    def frozen_part(self, payload: bytes, link: Link) -> Message | None:
+        """The frozen set (``masks``) and values that a downlink ``payload`` delivers, or None when it
+        carries no frozen-part section. A receiver that holds no copy of the server's state (a remote
+        client, :mod:`fl_sparse.flower`) keeps them to decode this freeze version's later payloads, to
+        train, and to encode its uplinks."""
+        _check_link(link)
+        if link.freeze_version == 0 or link.direction != "down":
+            return None
+        _, frozen_bytes = payload_decoding.unpack_freeze_frame(payload, link.freeze_version)
+        return None if frozen_bytes is None else self._decode_section(frozen_bytes, link, "frozen-part section")
+
     def state_dict(self) -> dict[str, int]:
         """The downlink delivery record, ``{str(client_id): freeze_version}`` (JSON-serialisable)."""
         return {str(client): version for client, version in sorted(self._delivered.items())}
