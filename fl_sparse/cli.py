@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                                     "sqlite:///mlflow.db)")
         command.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
+    from fl_sparse.flower import cli as flower_cli  # imports flwr only when the command runs
+
+    flower_cli.add_parser(commands)
     return parser
 
 
@@ -214,7 +217,10 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "report": _report, "export": _export, "list": lambda _: _list()}[args.command](args)
+        from fl_sparse.flower.cli import main as _flower
+
+        return {"flower": _flower, "run": _run, "report": _report, "export": _export,
+                "list": lambda _: _list()}[args.command](args)
     except FlSparseError as error:
         from fl_sparse.configs import first_line
 

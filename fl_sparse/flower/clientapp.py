@@ -1,0 +1,118 @@
+"""The Flower ClientApp: decode the downlink, run :func:`fl_sparse.training.train_client`, encode the reply.
+
+A SuperNode serves one partition of the experiment's federated split: ``partition-id`` in its node config
+(``flower-supernode --node-config 'partition-id=3'``; Flower's simulation runtime sets it for each virtual
+node). Every process builds the same Experiment from the run config (:mod:`fl_sparse.flower.setup`), so the
+client holds the same model skeleton, parts and data split as the server.
+
+Between rounds a client keeps only what the codecs say a receiver holds: the frozen set and its values,
+as delivered once by ``FreezeAware``'s frozen-part section, in ``context.state`` (Flower keeps it on the
+SuperNode for the run). The same weights reach training as in the in-process engine, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fl_sparse.flower import require_flwr
+
+require_flwr()
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.clientapp.mod import message_size_mod  # noqa: E402
+
+from fl_sparse.errors import ConfigError, PayloadError  # noqa: E402
+from fl_sparse.flower import setup, wire  # noqa: E402
+from fl_sparse.interfaces import Link, Message as Update, Tensors  # noqa: E402
+from fl_sparse.training import train_client  # noqa: E402
+
+DOWNLINK_FIELDS = {"round": int, "client": int, "freeze_version": int}
+MEMORY, FROZEN, FROZEN_VALUES = "fl_sparse.memory", "fl_sparse.frozen", "fl_sparse.frozen_values"
+
+app = ClientApp(mods=[message_size_mod])  # Flower logs each message's size on the SuperNode
+
+
+@dataclasses.dataclass
+class FrozenMemory:
+    """What this client holds of the global frozen part: its version, set and values."""
+
+    version: int = 0
+    frozen: Tensors = dataclasses.field(default_factory=dict)
+    values: Tensors = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def load(cls, state: RecordDict) -> "FrozenMemory":
+        if MEMORY not in state.config_records:
+            return cls()
+        return cls(int(state.config_records[MEMORY]["freeze_version"]),
+                   wire.record_tensors(state.array_records[FROZEN]),
+                   wire.record_tensors(state.array_records[FROZEN_VALUES]))
+
+    def store(self, state: RecordDict) -> None:
+        state[MEMORY] = ConfigRecord({"freeze_version": self.version})
+        state[FROZEN] = wire.tensors_record(self.frozen)
+        state[FROZEN_VALUES] = wire.tensors_record(self.values)
+
+    def link(self, direction: str, client: int, version: int, mask: Tensors, schema) -> Link:
+        return Link(direction, client, self.frozen, self.values, version, mask, schema=schema)
+
+
+def partition_id(context: Context, num_clients: int) -> int:
+    """This SuperNode's partition, from its node config."""
+    value = context.node_config.get("partition-id")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_clients:
+        raise ConfigError(f"node config partition-id={value!r}: start the SuperNode with --node-config "
+                          f"'partition-id=K' for a K in [0, {num_clients})")
+    return value
+
+
+def _built(context: Context) -> setup.Built:
+    config = setup.settings(context.run_config)
+    return setup.build_cached(setup.Composition.from_run_config(context.run_config), int(config["threads"]))
+
+
+def frozen_part(codec, payload: bytes, link: Link) -> Update | None:
+    """The frozen set (``masks``) and values that ``payload`` delivers, if its codec sends such a part
+    (FreezeAware, once per client and freeze version); else None."""
+    read = getattr(codec, "frozen_part", None)
+    return read(payload, link) if read is not None and link.freeze_version else None
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this SuperNode serves."""
+    simulation = _built(context).simulation
+    return wire.partition_reply(msg, partition_id(context, simulation.experiment.num_clients))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    built = _built(context)
+    simulation = built.simulation
+    schema = simulation.schema
+    exp = simulation.experiment
+    client = partition_id(context, exp.num_clients)
+    numbers = wire.numbers_of(msg, DOWNLINK_FIELDS)
+    round, version = numbers["round"], numbers["freeze_version"]
+    if numbers["client"] != client:
+        raise PayloadError(f"message for client {numbers['client']} reached the SuperNode of partition {client}")
+    payload = wire.payload_of(msg, built.payload_limit)
+
+    memory = FrozenMemory.load(context.state)
+    down = memory.link("down", client, version, {}, schema)
+    received = exp.downlink_codec.decode(payload, down)
+    delivered = frozen_part(exp.downlink_codec, payload, down)
+    if delivered is not None:
+        memory = FrozenMemory(version, delivered.masks, delivered.tensors)
+        memory.store(context.state)
+    elif version != memory.version:
+        raise PayloadError(f"round {round}: the server sent freeze version {version} without its frozen part; "
+                           f"this client holds version {memory.version}")
+
+    task = simulation.task(client, received, memory.frozen, round)
+    result = train_client(simulation.job, task, simulation.round_context(round))
+    up = memory.link("up", client, version, received.masks, schema)
+    reply = exp.uplink_codec.encode(Update(result.weights, result.mask), up)
+    return Message(wire.content(reply, round=round, client=client, num_samples=result.num_samples,
+                                train_loss=result.train_loss), reply_to=msg)

@@ -1,0 +1,144 @@
+"""The Flower ServerApp: the engine's round, with Flower carrying the payloads to remote clients.
+
+``main(grid, context)`` builds the Experiment from the run config (:mod:`fl_sparse.flower.setup`), asks
+every SuperNode which partition it serves (a ``query`` message), then plays the rounds with
+:meth:`fl_sparse.engine.Simulation.run`: each round samples clients, encodes their downlinks with our
+``CommCodec`` (:meth:`~fl_sparse.engine.Simulation.encode_downlinks`), sends them with
+``grid.send_and_receive``, checks and decodes the replies (:func:`fl_sparse.flower.wire.read_upload`,
+:meth:`~fl_sparse.engine.Simulation.accept_upload`) and closes the round with the Aggregator, FreezePolicy
+and MaskPolicy (:meth:`~fl_sparse.engine.Simulation.close_round`). State, byte counts and checkpoints are
+the engine's. A reply that is missing, late, an error, malformed, oversized or not of the model is rejected
+with a warning; the round aggregates the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+from fl_sparse.flower import require_flwr
+
+require_flwr()
+
+from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fl_sparse import checkpoint  # noqa: E402
+from fl_sparse.engine import RoundEvent, ServerState, Simulation  # noqa: E402
+from fl_sparse.errors import ConfigError, PayloadError  # noqa: E402
+from fl_sparse.flower import setup, wire  # noqa: E402
+from fl_sparse.parts.freezing import NoFreeze  # noqa: E402
+
+log = logging.getLogger("flwr")  # Flower's logger: the lines reach `flwr log` and the SuperLink's log
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = setup.settings(context.run_config)
+    built = setup.build(setup.Composition.from_run_config(context.run_config), int(config["threads"]))
+    simulation, exp = built.simulation, built.simulation.experiment
+    if not isinstance(exp.freeze_policy, NoFreeze) and not hasattr(exp.downlink_codec, "frozen_part"):
+        raise ConfigError(f"{type(exp.freeze_policy).__name__} freezes weights, but the downlink codec "
+                          f"{exp.downlink_codec!r} cannot tell a remote client which; use "
+                          "Experiment.downlink_codec = @FreezeAware()")
+    server = FlowerRound(grid, simulation, built.payload_limit, float(config["round-timeout"]))
+    server.discover(float(config["node-wait"]))
+    callbacks = [log_metrics(config["metrics-file"])]
+    if config["checkpoint-dir"]:
+        callbacks.append(checkpoint.Checkpointer(Path(str(config["checkpoint-dir"])), int(config["checkpoint-every"]),
+                                                 simulation, None, built.config_text))
+    state = simulation.run(callbacks=callbacks, play_round=server.play_round)
+    log.info("fl_sparse: finished %d rounds, %.6f GB by our codecs", state.round, state.cumulative_bytes / 1e9)
+
+
+class FlowerRound:
+    """Plays one round of ``simulation`` with remote clients reached through ``grid``."""
+
+    def __init__(self, grid: Grid, simulation: Simulation, payload_limit: int, timeout: float):
+        self.grid, self.simulation, self.payload_limit, self.timeout = grid, simulation, payload_limit, timeout
+        self.nodes: dict[int, int] = {}  # client (partition) id -> node id
+
+    def discover(self, wait: float) -> None:
+        """Learn which SuperNode serves which partition; waits up to ``wait`` seconds for all of them."""
+        num_clients, deadline = self.simulation.experiment.num_clients, time.monotonic() + wait
+        while True:
+            asked = [node for node in self.grid.get_node_ids() if node not in self.nodes.values()]
+            messages = [self.grid.create_message(RecordDict(), wire.QUERY, node, "partition") for node in asked]
+            for reply in self.grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+                node = reply.metadata.src_node_id
+                try:
+                    client = wire.partition_of(reply)
+                except PayloadError as error:
+                    warnings.warn(f"SuperNode {node} did not say which partition it serves: {error}", stacklevel=2)
+                    continue
+                if client in self.nodes or not 0 <= client < num_clients:
+                    warnings.warn(f"SuperNode {node} claims partition {client}, which is out of range or taken; "
+                                  "ignored", stacklevel=2)
+                    continue
+                self.nodes[client] = node
+            if len(self.nodes) == num_clients:
+                log.info("fl_sparse: %d SuperNodes serve partitions 0..%d", num_clients, num_clients - 1)
+                return
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(num_clients)) - set(self.nodes))
+                raise ConfigError(f"no SuperNode serves partitions {missing[:10]} after {wait:.0f} s; start one "
+                                  f"per partition with --node-config 'partition-id=K' (Experiment.num_clients="
+                                  f"{num_clients}) or raise node-wait")
+            time.sleep(1.0)
+
+    def play_round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
+        sim, r = self.simulation, state.round + 1
+        ctx, clients = sim.open_round(state)
+        started = time.perf_counter()
+        payloads = sim.encode_downlinks(state, clients)
+        messages = {}
+        for client, payload in zip(clients, payloads):
+            content = wire.content(payload, round=r, client=client, freeze_version=state.freeze_version)
+            message = self.grid.create_message(content, wire.TRAIN, self.nodes[client], str(r))
+            messages[self.nodes[client]] = message
+        flower_down = sum(map(wire.flower_bytes, messages.values()))
+        replies = {reply.metadata.src_node_id: reply
+                   for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.timeout)}
+
+        uploads, up_bytes, flower_up = [], 0, 0
+        for client in clients:
+            reply = replies.get(self.nodes[client])
+            if reply is None:
+                warnings.warn(f"round {r}: client {client} rejected: no reply within {self.timeout:.0f} s", stacklevel=2)
+                continue
+            if reply.has_content():
+                flower_up += wire.flower_bytes(reply)
+            try:
+                result, payload = wire.read_upload(reply, r, client, self.payload_limit)
+                expected = len(sim.data.client_train[client])
+                if result.num_samples != expected:
+                    raise PayloadError(f"it reports {result.num_samples} samples, its partition holds {expected}")
+            except PayloadError as error:
+                warnings.warn(f"round {r}: client {client} rejected: {error}", stacklevel=2)
+                continue
+            up_bytes += len(payload)
+            upload = sim.accept_upload(state, result, payload)
+            if upload is not None:
+                uploads.append(upload)
+        new_state, metrics = sim.close_round(state, ctx, clients, uploads, up_bytes, sum(map(len, payloads)), started)
+        metrics.update({"flower_downlink_bytes": float(flower_down), "flower_uplink_bytes": float(flower_up)})
+        return new_state, metrics
+
+
+def log_metrics(path: str):
+    """An engine callback that logs each round's metrics, our codec's bytes next to what Flower moved,
+    and appends them as one JSON line to ``path`` (if given)."""
+    def callback(event: RoundEvent) -> None:
+        m = event.metrics
+        log.info("fl_sparse round %d: codec bytes up %d down %d | Flower message bytes up %d down %d | "
+                 "rejected %d | train loss %.4f", event.round, m["uplink_bytes"], m["downlink_bytes"],
+                 m["flower_uplink_bytes"], m["flower_downlink_bytes"], m["rejected_clients"], m["train_loss"])
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(json.dumps({"round": event.round, **m}) + "\n")
+    return callback

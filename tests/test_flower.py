@@ -1,0 +1,366 @@
+"""Flower deployment (fl_sparse.flower): the same composition through Flower's Message API.
+
+The first tests pass messages through a loopback ``Grid`` that calls the ClientApp in this process (fast,
+every branch of the server's checks). ``test_loopback_deployment`` runs the real thing: a SuperLink and
+three SuperNodes as separate processes on 127.0.0.1, driven by ``flwr run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the flower extra is not installed: pip install 'fl-sparse[flower]'")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+
+from fl_sparse.flower import clientapp, serverapp, setup  # noqa: E402
+from fl_sparse.parts.executors import Sequential  # noqa: E402
+from fl_sparse.training import train_client  # noqa: E402
+FAULTY_APP = Path(__file__).resolve().parent / "flower_faulty"
+sys.path.insert(0, str(FAULTY_APP))
+from flower_faults import tamper  # noqa: E402
+
+PFFDST_SHORT = ("ROUNDS = 2", "Experiment.num_clients = 3", "Experiment.clients_per_round = 3",
+                "Experiment.local_epochs = 1", "Experiment.eval_every = 1000")
+
+
+def run_config(*bindings: str, algorithm: str = "pffdst", **extra) -> dict:
+    return {**setup.DEFAULTS, **setup.Composition(algorithm, (), bindings).as_run_config(), "threads": 1,
+            "node-wait": 5.0, **extra}
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps each Message with the identity of the process's task, which its runtime sets."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+class LoopbackGrid(Grid):
+    """Delivers each message to the ClientApp in this process, node ``100 + k`` serving partition ``k``.
+    ``faults`` maps (round, client) to a fault of tests/flower_faults.py, "raise" (the ClientApp fails)
+    or "silent" (no reply)."""
+
+    def __init__(self, config: dict, num_nodes: int, faults: dict | None = None):
+        self.contexts = {100 + k: Context(1, 100 + k, {"partition-id": k}, RecordDict(), config)
+                         for k in range(num_nodes)}
+        self.faults = faults or {}
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id, message_type, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            context = self.contexts[message.metadata.dst_node_id]
+            fault = self.faults.get((message.metadata.group_id, context.node_config["partition-id"]))
+            if fault == "silent":
+                continue
+            try:
+                if fault == "raise":
+                    raise RuntimeError("the ClientApp crashed")
+                reply = clientapp.app(message, context)
+            except Exception as error:  # what Flower's runtime turns a ClientApp exception into
+                reply = Message(Error(0, f"{type(error).__name__}: {error}"), reply_to=message)
+            replies.append(tamper(reply, fault) if fault and not reply.has_error() else reply)
+        return replies
+
+
+def flower_run(config: dict, num_nodes: int, faults: dict | None = None, out=None):
+    """Run the ServerApp's ``main`` on a LoopbackGrid; (final checkpointed state, per-round metrics)."""
+    from fl_sparse import checkpoint
+
+    config = {**config, "checkpoint-dir": str(out / "checkpoints"), "metrics-file": str(out / "metrics.jsonl")}
+    serverapp.main(LoopbackGrid(config, num_nodes, faults), Context(1, 0, {}, RecordDict(), config))
+    return read_results(out)
+
+
+def read_results(out: Path):
+    from fl_sparse import checkpoint
+
+    state, _ = checkpoint.load(checkpoint.latest(out / "checkpoints"))
+    return state, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def in_process_run(config: dict, damage: dict | None = None):
+    built = setup.build(setup.Composition.from_run_config(config), 1)
+    if damage:
+        built.simulation.experiment.executor = DamagingExecutor(damage)
+    metrics = []
+    state = built.simulation.run(callbacks=[lambda event: metrics.append(event.metrics)])
+    return state, metrics
+
+
+class DamagingExecutor(Sequential):
+    """Sends NaN weights from the (round, client) pairs in ``damage``: the in-process engine rejects them."""
+
+    def __init__(self, damage):
+        self.damage = damage
+
+    def train(self, job, tasks, ctx):
+        results = [train_client(job, task, ctx) for task in tasks]
+        for i, result in enumerate(results):
+            if (str(ctx.phase.round), result.client_id) in self.damage:
+                weights = {**result.weights, "fc3.bias": torch.full_like(result.weights["fc3.bias"], float("nan"))}
+                results[i] = dataclasses.replace(result, weights=weights)
+        return results
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # same kernels, same thread count, same layout: bitwise
+
+
+def test_run_config_keys_match_the_app():
+    import tomllib
+
+    from fl_sparse.flower import APP_DIR
+
+    declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == setup.DEFAULTS
+
+
+def test_cli_submits_the_composition_with_flwr_run(monkeypatch, capsys):
+    from fl_sparse.cli import main
+    from fl_sparse.flower import APP_DIR
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, env: calls.append((command, env)) or
+                        subprocess.CompletedProcess(command, 0))
+    assert main(["flower", "simulate", "pffdst", "demo", "--rounds", "4", "--set", "threads=1"]) == 0
+    command, env = calls[0]
+    assert command[1:5] == ["run", str(APP_DIR), "local", "--federation-config"] and command[5] == "num-supernodes=20"
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    config = dict(arg.split("=", 1) for arg in command[7::2])
+    assert config["algorithm"] == '"pffdst"' and config["presets"] == '"demo"' and config["threads"] == "1"
+    assert "ROUNDS = 4\\nPFFDST_ROUNDS = 4" in config["bindings"]
+    assert main(["flower", "run", "pffdst", "--superlink", "lab", "--stream"]) == 0
+    assert calls[1][0][2:4] == [str(APP_DIR), "lab"] and calls[1][0][-1] == "--stream"
+    # a bad composition fails here, in one line, before anything is submitted
+    assert main(["flower", "run", "pffdst", "--superlink", "lab", "--bind", "Experiment.rounds = 0"]) == 2
+    assert main(["flower", "run", "pffdst", "--superlink", "lab", "--set", "colour=1"]) == 2
+    assert len(calls) == 2
+    assert capsys.readouterr().err.count("fl-sparse: error:") == 2
+
+
+def test_loopback_grid_matches_the_in_process_engine_bitwise(task_identity, tmp_path):
+    """PFFDST with 1-round stages: round 2 is the first of stage 2, so it carries the frozen part."""
+    torch.set_num_threads(1)
+    config = run_config(*PFFDST_SHORT)
+    expected, expected_metrics = in_process_run(config)
+    state, metrics = flower_run(config, num_nodes=3, out=tmp_path)
+    assert state.freeze_version == expected.freeze_version == 1
+    assert_same_weights(state.weights, expected.weights)
+    assert_same_weights(state.mask, expected.mask)
+    assert state.cumulative_bytes == expected.cumulative_bytes
+    for ours, theirs in zip(metrics, expected_metrics):
+        assert (ours["uplink_bytes"], ours["downlink_bytes"]) == (theirs["uplink_bytes"], theirs["downlink_bytes"])
+        # Flower moves our bytes plus record names and the round's numbers
+        assert 0 < ours["flower_downlink_bytes"] - ours["downlink_bytes"] < 500
+        assert 0 < ours["flower_uplink_bytes"] - ours["uplink_bytes"] < 500
+        assert ours["rejected_clients"] == 0
+
+
+def test_hostile_replies_are_rejected_and_the_round_aggregates_the_others(task_identity, tmp_path):
+    torch.set_num_threads(1)
+    bindings = (*PFFDST_SHORT[:1], "Experiment.num_clients = 5", "Experiment.clients_per_round = 5",
+                *PFFDST_SHORT[3:])
+    config = run_config(*bindings)
+    faults = {("1", 0): "corrupt", ("1", 1): "oversized", ("1", 2): "wrong-schema", ("1", 3): "raise",
+              ("2", 0): "wrong-round", ("2", 1): "extra-record", ("2", 2): "inflated-samples", ("2", 3): "silent"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state, metrics = flower_run(config, num_nodes=5, faults=faults, out=tmp_path)
+    rejected = [str(w.message) for w in caught if "rejected" in str(w.message)]
+    assert len(rejected) == 8, "\n".join(rejected)
+    for text in ("exceeds the", "expected round 2", "ClientApp failed", "no reply", "partition holds",
+                 "records"):
+        assert any(text in line for line in rejected), (text, rejected)
+    assert [m["rejected_clients"] for m in metrics] == [4, 4]
+    # Flower carried the 64 MiB reply; our count holds only payloads the codec was allowed to read
+    assert metrics[0]["flower_uplink_bytes"] > 64 * 2**20 > 10 * metrics[0]["uplink_bytes"]
+
+    # The same rounds in process, with the same clients' updates rejected: the same model, bit for bit
+    expected, _ = in_process_run(config, damage={key for key in faults})
+    assert_same_weights(state.weights, expected.weights)
+
+
+# --- the real deployment: 1 SuperLink + 3 SuperNodes as processes on 127.0.0.1 -----------------------------
+
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr of this environment
+RUN_TIMEOUT = 900  # s; a run takes well under a minute on an idle 2-core machine, far longer on a loaded one
+# SuperNode 1 and 2 damage their replies in the faulty run (fault-plan: round=fault); the honest app ignores it.
+FAULT_PLANS = {1: "1=corrupt 2=wrong-schema", 2: "1=oversized"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Cluster:
+    """A SuperLink and SuperNodes, each the leader of its own process group, with their own FLWR_HOME."""
+
+    def __init__(self, root: Path, num_nodes: int):
+        self.root, self.processes = root, []
+        home = root / "flwr_home"
+        home.mkdir()
+        self.port = free_port()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        # --insecure: loopback only. Runtime dependency installation is off: there is no network here.
+        self.start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--disable-runtime-dependency-installation")
+        for k in range(num_nodes):
+            node_config = f'partition-id={k} fault-plan="{FAULT_PLANS.get(k, "")}"'
+            self.start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config)
+
+    def start(self, name: str, program: str, *args: str) -> None:
+        log = open(self.root / f"{name}.log", "wb")
+        self.processes.append(subprocess.Popen([str(BIN / program), *args], env=self.env, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
+
+    def flwr(self, *args: str) -> dict:
+        done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=self.env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        return json.loads(done.stdout)
+
+    def wait_for_superlink(self, deadline: float) -> None:
+        import urllib.request
+
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        pytest.fail(f"the SuperLink did not answer on port {self.port}; logs in {self.root}")
+
+    def run(self, app: Path, config: dict) -> dict:
+        """``flwr run`` the app with ``config``, wait for it by polling its status, return the final status."""
+        deadline = time.monotonic() + RUN_TIMEOUT
+        self.wait_for_superlink(deadline)
+        overrides = [arg for key, value in config.items() for arg in ("-c", f"{key}={json.dumps(value)}")]
+        started = self.flwr("run", str(app), "loopback", *overrides)
+        assert started.get("success"), started
+        run_id = started["run-id"]
+        while time.monotonic() < deadline:
+            [run] = self.flwr("ls", "loopback", "--run-id", str(run_id))["runs"]
+            if run["status"].startswith("finished"):
+                return run
+            self.check_alive()
+            time.sleep(2)
+        pytest.fail(f"run {run_id} did not finish within {RUN_TIMEOUT} s; logs in {self.root}")
+
+    def check_alive(self) -> None:
+        for process in self.processes:
+            assert process.poll() is None, f"{process.args[0]} exited with {process.returncode}; logs in {self.root}"
+
+    def stop(self) -> None:
+        """Stop every process this cluster started, with its process group (SuperExec, App processes)."""
+        for process in self.processes:
+            _signal_group(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process.pid, signal.SIGKILL)  # SuperNodes may ignore SIGTERM; children may linger
+            process.wait()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = Cluster(tmp_path_factory.mktemp("flower"), num_nodes=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def deployed(cluster: Cluster, app: Path, name: str):
+    """Run PFFDST_SHORT on the cluster; (final checkpointed state, per-round metrics, run status)."""
+    out = cluster.root / name
+    config = run_config(*PFFDST_SHORT, **{"checkpoint-dir": str(out / "checkpoints"),
+                                          "metrics-file": str(out / "metrics.jsonl"), "node-wait": 300.0})
+    status = cluster.run(app, config)
+    assert status["status"] == "finished:completed", (status["status-details"], f"logs in {cluster.root}")
+    return (*read_results(out), status)
+
+
+def test_loopback_deployment_matches_the_in_process_engine(cluster):
+    """2 rounds of PFFDST through a SuperLink and 3 SuperNodes: the same final model, bit for bit (every
+    process runs the same CPU kernels with 1 thread), and the same codec bytes as the in-process engine."""
+    from fl_sparse.flower import APP_DIR
+
+    started = time.monotonic()
+    state, metrics, status = deployed(cluster, APP_DIR, "honest")
+    print(f"deployment run: {time.monotonic() - started:.1f} s wall; Flower reports {status['network-traffic']}")
+    torch.set_num_threads(1)
+    expected, expected_metrics = in_process_run(run_config(*PFFDST_SHORT))
+    assert state.round == 2 and state.freeze_version == 1
+    assert_same_weights(state.weights, expected.weights)
+    assert state.cumulative_bytes == expected.cumulative_bytes
+    assert [m["rejected_clients"] for m in metrics] == [0, 0]
+    for ours, theirs in zip(metrics, expected_metrics):
+        assert (ours["uplink_bytes"], ours["downlink_bytes"]) == (theirs["uplink_bytes"], theirs["downlink_bytes"])
+        assert ours["flower_uplink_bytes"] > ours["uplink_bytes"]
+
+
+def test_deployment_with_faulty_supernodes_rejects_them_and_goes_on(cluster):
+    """SuperNodes 1 and 2 run a ClientApp that corrupts (round 1), oversizes (round 1) or sends another
+    model's payload (round 2): each reply is rejected, the rounds aggregate the honest ones."""
+    state, metrics, _ = deployed(cluster, FAULTY_APP, "faulty")
+    assert [m["rejected_clients"] for m in metrics] == [2, 1]
+    assert metrics[0]["flower_uplink_bytes"] > 64 * 2**20 > 10 * metrics[0]["uplink_bytes"]
+    torch.set_num_threads(1)
+    expected, _ = in_process_run(run_config(*PFFDST_SHORT), damage={("1", 1), ("1", 2), ("2", 1)})
+    assert_same_weights(state.weights, expected.weights)
