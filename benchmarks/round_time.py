@@ -1,7 +1,10 @@
-"""Time federated rounds with the Sequential and Vectorized executors (set-up excluded).
+"""Time federated rounds with the Sequential, Vectorized and Ray executors (set-up excluded).
 
-Executors: ``sequential`` (Sequential), ``vectorized`` (Vectorized) and ``compiled``
-(Vectorized with ``compile=True``; its torch.compile time lands in the untimed warm-up round, shown apart).
+Executors: ``sequential`` (Sequential), ``vectorized`` (Vectorized), ``compiled``
+(Vectorized with ``compile=True``; its torch.compile time lands in the untimed warm-up round, shown apart)
+and ``ray`` (RayExecutor, a local Ray started by the run, one configuration ``ray:N`` per ``--workers N``,
+workers of one thread each; Ray's start-up lands in the warm-up round). For Ray it also prints each
+worker process's peak RSS; the driver's is in the table.
 
 For each algorithm (FedAvg, FedDST, PFFDST by default) and executor, builds the run exactly as
 ``fl-sparse run ALGO cifar10_lenet`` would (``configs.parse`` + ``Experiment()`` + ``Simulation``), plays
@@ -49,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"lenet": "cifar10_lenet", "resnet18": "cifar10_resnet18", "vit": "cifar10_vit"}
 EXECUTORS = {"sequential": ["Experiment.executor = @Sequential()"],
              "vectorized": ["Experiment.executor = @Vectorized()"],
-             "compiled": ["Experiment.executor = @Vectorized()", "Vectorized.compile = True"]}
+             "compiled": ["Experiment.executor = @Vectorized()", "Vectorized.compile = True"],
+             "ray": ["Experiment.executor = @RayExecutor()"]}  # ray:N runs N workers
 
 
 def _peak_rss_mb() -> float:
@@ -80,8 +84,9 @@ def _bindings(args, executor: str | None = None) -> list[str]:
     if args.data_dir:
         bindings.append(f"DATA_DIR = {args.data_dir!r}")
     if executor:
-        bindings += EXECUTORS[executor]
-        if executor != "sequential" and args.group_size:
+        name, _, workers = executor.partition(":")
+        bindings += EXECUTORS[name] + ([f"RayExecutor.num_workers = {workers}"] if workers else [])
+        if name in ("vectorized", "compiled") and args.group_size:
             bindings.append(f"Vectorized.group_size = {args.group_size}")
     return bindings + args.bind
 
@@ -117,7 +122,12 @@ def worker_rounds(args) -> dict:
             samples.append(sum(len(sim.data.client_train[c]) for c in clients) * exp.local_epochs)
             readjust.append(phase.readjust)
     median = statistics.median(times)
+    worker_rss = []
+    if hasattr(exp.executor, "worker_peak_rss_mb"):  # RayExecutor: its worker processes, then its local Ray
+        worker_rss = exp.executor.worker_peak_rss_mb()
+        exp.executor.close()
     return {"algorithm": args.algorithm, "executor": args.executor, "model": args.model,
+            "worker_peak_rss_mb": worker_rss,
             "seconds": times, "median_s": median, "warmup_s": warmup, "samples_per_round": statistics.median(samples),
             "samples_per_s": statistics.median(samples) / median, "readjust_rounds": sum(readjust),
             "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _peak_gpu_mb(torch, sim.device),
@@ -235,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--total-rounds", type=int, default=100, help="the ROUNDS macro (schedules depend on it)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)")
     parser.add_argument("--group-size", type=int, default=0, help="Vectorized.group_size (0: whole round)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="RayExecutor worker counts, one "
+                        "configuration each (ray:N), with --executors ray")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="Experiment.device for every configuration (auto: CUDA when present)")
     parser.add_argument("--bind", action="append", default=[], help="extra gin binding for every configuration")
@@ -271,9 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     rows = []
+    executors = [variant for executor in args.executors
+                 for variant in ([f"ray:{n}" for n in args.workers] if executor == "ray" else [executor])]
     for algorithm in args.algorithms:
         by_executor = {}
-        for executor in args.executors:
+        for executor in executors:
             r = _run_worker(args, "rounds", algorithm=algorithm, executor=executor)
             by_executor[executor] = r
             speedup = ""
@@ -285,6 +299,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{max(r['seconds']):7.3f} {r['warmup_s']:8.2f} {r['samples_per_s']:10.0f} "
                   f"{r['peak_rss_mb']:11.0f} {gpu} {speedup:>8} {ratio:12.2f}x", flush=True)
             rows.append(r)
+    for r in rows:
+        if r["worker_peak_rss_mb"]:
+            print(f"{r['algorithm']} {r['executor']}: peak RSS per worker process, MB: "
+                  + ", ".join(f"{mb:.0f}" for mb in r["worker_peak_rss_mb"]))
     first = rows[0]
     sequential = [r for r in rows if r["executor"] == "sequential"
                   and r["samples_per_round"] / (r["clients_per_round"] * r["epochs"]) >= r["batch_size"]]

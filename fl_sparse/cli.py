@@ -12,6 +12,7 @@ from fl_sparse.errors import ConfigError, FlSparseError
 
 
 CHECKPOINT_DIR = "checkpoints"
+EXECUTORS = {"sequential": "Sequential", "vectorized": "Vectorized", "ray": "RayExecutor"}  # --executor -> part
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (auto picks CUDA if present)")
     run.add_argument("--seed", type=int, help="seed of partition, model init, sampling and training")
     run.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy 2-core machine)")
+    run.add_argument("--executor", choices=sorted(EXECUTORS), help="where clients train: one after another, "
+                     "stacked under vmap, or in parallel Ray workers (docs/scale-out.md)")
+    run.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per CPU Ray sees)")
+    run.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="join this Ray cluster (default: start a local Ray)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     run.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
@@ -74,6 +80,12 @@ def _bindings(args: argparse.Namespace) -> list[str]:
         bindings.append(f"Experiment.seed = {args.seed}")
     if args.budget_gb is not None:
         bindings.append(f"Experiment.budget_gb = {args.budget_gb}")
+    if args.executor is not None:
+        bindings.append(f"Experiment.executor = @{EXECUTORS[args.executor]}()")
+    if args.workers is not None:
+        bindings.append(f"RayExecutor.num_workers = {args.workers}")
+    if args.ray_address is not None:
+        bindings.append(f"RayExecutor.address = {args.ray_address!r}")
     return bindings + args.bind
 
 
@@ -102,6 +114,9 @@ def _check_run_flags(args: argparse.Namespace) -> None:
             args.checkpoint_every, "give a number of rounds >= 1")
     require(args.budget_gb is None or (math.isfinite(args.budget_gb) and args.budget_gb > 0), "--budget-gb",
             args.budget_gb, "give a finite number of GB > 0")
+    require(args.workers is None or args.workers >= 1, "--workers", args.workers, "give at least 1 worker")
+    for flag, value in (("--workers", args.workers), ("--ray-address", args.ray_address)):
+        require(value is None or args.executor in (None, "ray"), flag, value, "applies to --executor ray only")
     require(args.experiment_name.strip() != "", "--experiment-name", repr(args.experiment_name), "give a name")
     if args.data_dir is not None:
         require(os.path.isdir(args.data_dir), "--data-dir", args.data_dir, "no such directory")
