@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     from fl_sparse.flower import cli as flower_cli  # imports flwr only when the command runs
 
     flower_cli.add_parser(commands)
+    ui = commands.add_parser("ui", help="serve MLflow's UI for the runs on 127.0.0.1 (pip install 'fl-sparse[server]')")
+    ui.add_argument("--tracking-uri", help="the store to serve (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    ui.add_argument("--experiment-name", default="fl_sparse", help="the experiment whose URLs are printed")
     return parser
 
 
@@ -132,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_run_flags(args)
     import gin
 
-    from fl_sparse import checkpoint, configs
+    from fl_sparse import checkpoint, configs, run_details
     from fl_sparse.engine import Simulation
     from fl_sparse.experiment import Experiment
     from fl_sparse.tracking import MlflowTracker, ProgressBar, TrackingError, tracking_uri
@@ -159,10 +163,11 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_tracking:
         uri = tracking_uri(args.tracking_uri)
         name = os.path.splitext(os.path.basename(args.algorithm))[0]
-        tracker = MlflowTracker(uri, args.experiment_name, name, run_id)
+        tracker = MlflowTracker(uri, args.experiment_name, run_details.run_name(name, args.presets, experiment),
+                                run_id)
         if run_id is None:
-            tracker.log_config(configs.bindings_as_params(), config_text,
-                               {"algorithm": name, "presets": ",".join(args.presets), "data": simulation.data.source})
+            tags = run_details.run_tags(name, args.presets, experiment, str(simulation.device))
+            tracker.log_config(configs.bindings_as_params(), config_text, {**tags, "data": simulation.data.source})
         callbacks.append(tracker)
     directory = None
     if args.checkpoint_every or args.resume:
@@ -206,9 +211,10 @@ def _list() -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from fl_sparse import results_export
-    from fl_sparse.report import write_report
+    from fl_sparse.report import require_matplotlib, write_report
     from fl_sparse.tracking import tracking_uri
 
+    require_matplotlib()  # before the runs are read: a missing extra is one line, at once
     if args.from_export:
         records = [record for directory in args.from_export for record in results_export.read(Path(directory))]
     else:
@@ -229,12 +235,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    from fl_sparse.tracking import tracking_uri
+    from fl_sparse.ui import serve
+
+    return serve(tracking_uri(args.tracking_uri), args.port, args.experiment_name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from fl_sparse.flower.cli import main as _flower
 
-        return {"flower": _flower, "run": _run, "report": _report, "export": _export,
+        return {"flower": _flower, "run": _run, "report": _report, "export": _export, "ui": _ui,
                 "list": lambda _: _list()}[args.command](args)
     except FlSparseError as error:
         from fl_sparse.configs import first_line

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
+import tokenize
 from pathlib import Path
 
 import gin
@@ -35,21 +37,47 @@ def resolve(name: str, folder: Path, kind: str) -> Path:
 
 def parse(algorithm: str, presets: list[str], bindings: list[str]) -> list[Path]:
     """Clear gin and load defaults, then presets, then the algorithm, then bindings (last wins)."""
-    import fl_sparse.experiment  # noqa: F401  (registers every configurable before parsing)
-
     files = [DEFAULTS] + [resolve(p, REGISTRY, "preset") for p in presets] + [resolve(algorithm, ALGORITHMS, "algorithm")]
+    import fl_sparse.experiment  # noqa: F401  (registers every configurable; after the cheap name checks)
+
     gin.clear_config()
     for folder in (ALGORITHMS, REGISTRY):
         gin.add_config_file_search_path(str(folder))
     quiet = _DropGinPathProbes()
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings([str(f) for f in files], bindings)
-    except (ValueError, KeyError, SyntaxError, IOError) as error:
-        raise ConfigError(f"bad gin configuration: {first_line(error)}") from None
+        try:
+            gin.parse_config_files_and_bindings([str(f) for f in files], [], finalize_config=False)
+        except (ValueError, KeyError, SyntaxError, IOError) as error:
+            raise ConfigError(f"bad gin configuration: {first_line(error)}") from None
+        for binding in bindings:  # one at a time, so that an error names its binding
+            try:
+                gin.parse_config(binding)
+            except (ValueError, KeyError, SyntaxError, IOError, ImportError, tokenize.TokenError) as error:
+                raise ConfigError(f"binding {binding!r}: {_binding_problem(binding, error)}") from None
+        try:
+            gin.finalize()  # checks that every %MACRO referred to is bound
+        except ValueError as error:
+            problem = first_line(error).split(" in config string")[0]  # the rest is the whole config
+            macro = re.fullmatch(r"No bindings specified for '(\w+)/gin\.macro'", problem)
+            if macro:
+                problem = f"%{macro[1]} is used but never bound (bind it: --bind '{macro[1]} = VALUE')"
+            raise ConfigError(f"bad gin configuration: {problem}") from None
     finally:
         logging.getLogger().removeFilter(quiet)
     return files
+
+
+def _binding_problem(binding: str, error: Exception) -> str:
+    """What is wrong with one binding, in words (gin reports a bare name as an ``ast.Name`` object)."""
+    if isinstance(error, tokenize.TokenError):
+        return "unbalanced brackets or quotes"
+    text = first_line(error)
+    if text.startswith("malformed node or string"):
+        value = binding.partition("=")[2].strip()
+        return (f"{value!r} is not a value gin can read: write a number, a quoted string, True/False/None, "
+                "a list, @Part() or %MACRO")
+    return text
 
 
 class _DropGinPathProbes(logging.Filter):

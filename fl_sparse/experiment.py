@@ -7,6 +7,7 @@ created, so a bad configuration writes nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import gin
@@ -24,6 +25,11 @@ from fl_sparse.parts.freezing import NoFreeze
 from fl_sparse.parts.mask_policies import NoMask
 from fl_sparse.parts.objectives import SGD, CrossEntropy
 from fl_sparse.parts.schedules import Constant
+
+
+_SCALAR_ANNOTATIONS = {"int": int, "int | None": int, "float": (int, float), "float | None": (int, float), "str": str}
+_SCALAR_WORDS = {"int": "an integer", "int | None": "an integer or None", "float": "a finite number",
+                 "float | None": "a finite number or None", "str": "a string"}
 
 
 @gin.configurable
@@ -58,6 +64,7 @@ class Experiment:
     executor: ClientExecutor = dataclasses.field(default_factory=Sequential)
 
     def __post_init__(self):
+        self._check_scalar_types()
         check(self.rounds >= 1, f"Experiment.rounds={self.rounds} must be >= 1 (use --rounds N)")
         check(self.num_clients >= 1, f"Experiment.num_clients={self.num_clients} must be >= 1")
         check(1 <= self.clients_per_round <= self.num_clients,
@@ -78,6 +85,22 @@ class Experiment:
         if total is not None:
             check(total == self.rounds, f"the schedule is built for {total} rounds but Experiment.rounds="
                                         f"{self.rounds}; bind both through the ROUNDS macro (--rounds N)")
+
+    def _check_scalar_types(self) -> None:
+        """Numbers and strings bound through gin arrive unchecked (``Experiment.rounds='3'``, ``=1e999``); check
+        them against the annotations first, so that the range checks below compare numbers. Seeds are
+        non-negative: numpy's SeedSequence rejects negative entropy."""
+        for field in dataclasses.fields(self):
+            kinds = _SCALAR_ANNOTATIONS.get(field.type)
+            value = getattr(self, field.name)
+            if kinds is None or (value is None and field.type.endswith("None")):
+                continue
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            check(isinstance(value, kinds) and not isinstance(value, bool)
+                  and (not is_number or math.isfinite(value)),
+                  f"Experiment.{field.name}={value!r} must be {_SCALAR_WORDS[field.type]}")
+            if field.name.endswith("seed"):
+                check(value >= 0, f"Experiment.{field.name}={value} must be >= 0 (--seed S)")
 
     @property
     def torch_device(self) -> torch.device:

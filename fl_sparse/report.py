@@ -153,14 +153,25 @@ def seed_mean_curve(runs: list[dict], x_key: str, window: int = TAIL) -> list[tu
     return [(xs[x_key], y) for _, xs, y in seed_mean_series(runs, (x_key,), window=window)]
 
 
-def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
-    try:
-        import matplotlib
+# matplotlib is the `report` extra, not a core dependency: training hosts and Ray / Flower workers never plot.
+MATPLOTLIB_MISSING = ("fl-sparse report draws its plots with matplotlib, which is not installed: "
+                      "pip install 'fl-sparse[report]'")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def require_matplotlib() -> None:
+    """Raise the one-line :data:`MATPLOTLIB_MISSING` before anything is read or written."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise ConfigError("fl-sparse report needs matplotlib: pip install 'fl-sparse[dev]'") from None
+        raise ConfigError(MATPLOTLIB_MISSING) from None
+
+
+def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     written = []
     for x_key, label, name in [("cumulative_gb", "cumulative communication (GB, measured)", "accuracy_vs_gb.png"),
                                ("cumulative_flops", "cumulative training FLOPs", "accuracy_vs_flops.png")]:
@@ -184,6 +195,7 @@ def write_report(records: list[RunRecord], out: Path) -> list[Path]:
     """table.md, reach.md and the plots from run records (:mod:`fl_sparse.results_export`), however read."""
     from fl_sparse.report_reach import reach_table
 
+    require_matplotlib()
     groups = collect(records)
     out.mkdir(parents=True, exist_ok=True)
     table, reach = out / "table.md", out / "reach.md"
