@@ -28,7 +28,7 @@ def test_fedavg_two_rounds_from_an_empty_directory_logs_to_mlflow(tmp_path, monk
     assert main(["run", "fedavg", "--rounds", "2", *FAST]) == 0
     captured = capsys.readouterr()
     assert "embedded CIFAR-10 subset" in captured.err
-    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in captured.out
+    assert f"fl-sparse ui --tracking-uri sqlite:///{tmp_path / 'mlflow.db'}" in captured.out
     assert (tmp_path / "mlflow.db").is_file()
     client = mlflow.tracking.MlflowClient("sqlite:///" + str(tmp_path / "mlflow.db"))
     [run] = client.search_runs([client.get_experiment_by_name("fl_sparse").experiment_id])
