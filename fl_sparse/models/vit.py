@@ -23,7 +23,8 @@ def vit32(num_classes: int, depth: int = 4, embed_dim: int = 64, num_heads: int 
     ``depth`` pre-norm blocks of width ``embed_dim`` with ``num_heads`` heads, a linear head on the class
     token. Randomly initialised (timm's default init, never pretrained weights), no dropout, so that the
     Vectorized executor can batch it. The defaults are the ``cifar10_vit`` preset's, chosen so that a FedDST
-    round of the paper's LeNet setting takes ~10 s on a 2-core CPU (docs/benchmarks.md)."""
+    round of the paper's LeNet setting stays within ~10 s on a 2-core CPU (7.5 CPU-seconds on one thread,
+    docs/benchmarks.md)."""
     check(32 % patch_size == 0, f"ViT32.patch_size={patch_size} must divide 32 (e.g. 4 or 8)")
     check(embed_dim % num_heads == 0, f"ViT32.embed_dim={embed_dim} must be a multiple of ViT32.num_heads={num_heads}")
     check(depth >= 1, f"ViT32.depth={depth} must be >= 1")
