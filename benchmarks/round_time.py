@@ -225,16 +225,6 @@ def _run_worker(args, kind: str, **extra) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="root holding cifar-10-batches-py (default: the embedded subset)")
@@ -270,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     load_before = os.getloadavg()
     plain = _run_worker(args, "plain")
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}")
+    from fl_sparse.run_details import cpu_model  # the host_cpu tag of tracked runs
+
+    print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}")
     print(f"data: {plain['data']}  (model {args.model}, preset {PRESETS[args.model]})")
     print(f"plain PyTorch {args.model} training (nn.Module + torch.optim.SGD, in-memory tensors): "
           f"batch 32: {plain['plain_b32_samples_per_s']:.0f} samples/s, "
