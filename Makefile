@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/fl-sparse: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,flower]'  # flower: tests/test_flower.py's SuperLink and SuperNodes
 	touch $(BIN)/fl-sparse
 
 install: $(BIN)/fl-sparse
