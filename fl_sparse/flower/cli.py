@@ -60,8 +60,9 @@ def main(args: argparse.Namespace) -> int:
         if "=" not in item or key not in DEFAULTS or key in composition.as_run_config():
             raise ConfigError(f"--set {item}: give KEY=VALUE with KEY one of {sorted(set(DEFAULTS) - {'algorithm', 'presets', 'bindings'})}")
         overrides.append(item)
-    command = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR)]
-    env = dict(os.environ)
+    scripts = Path(sys.executable).parent  # flwr, and the flower-superlink it starts for a simulation
+    command = [str(scripts / "flwr"), "run", str(APP_DIR)]
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
     if args.flower_command == "run":
         command.append(args.superlink)
     else:
