@@ -80,14 +80,19 @@ def store_lock(uri: str):
         return
     import fcntl
 
+    lock = Path(f"{database}.lock")
     try:
         database.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would, but the lock comes first
-        handle = open(f"{database}.lock", "a")
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle = open(lock, "a")
     except OSError as error:
-        raise TrackingError(f"cannot lock {database}.lock beside the MLflow store: {error.strerror}; "
+        raise TrackingError(f"cannot create {lock} beside the MLflow store: {error.strerror}; "
                             "make its directory writable or choose another --tracking-uri") from None
     with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # e.g. a network file system without locks
+            raise TrackingError(f"cannot lock {lock}: {error.strerror}; put the sqlite store on a local "
+                                "disk or use a tracking server") from None
         yield
 
 
