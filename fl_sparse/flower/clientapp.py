@@ -13,6 +13,7 @@ SuperNode for the run). The same weights reach training as in the in-process eng
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from fl_sparse.flower import require_flwr
 
@@ -24,8 +25,10 @@ from flwr.clientapp.mod import message_size_mod  # noqa: E402
 
 from fl_sparse.errors import ConfigError, PayloadError  # noqa: E402
 from fl_sparse.flower import setup, wire  # noqa: E402
-from fl_sparse.interfaces import Link, Message as Update, Tensors  # noqa: E402
-from fl_sparse.training import train_client  # noqa: E402
+
+# torch and the experiment load only in train: a query's process (one per message) answers without them.
+if TYPE_CHECKING:
+    from fl_sparse.interfaces import Tensors
 
 DOWNLINK_FIELDS = {"round": int, "client": int, "freeze_version": int}
 MEMORY, FROZEN, FROZEN_VALUES = "fl_sparse.memory", "fl_sparse.frozen", "fl_sparse.frozen_values"
@@ -54,16 +57,19 @@ class FrozenMemory:
         state[FROZEN] = wire.tensors_record(self.frozen)
         state[FROZEN_VALUES] = wire.tensors_record(self.values)
 
-    def link(self, direction: str, client: int, version: int, mask: Tensors, schema) -> Link:
+    def link(self, direction: str, client: int, version: int, mask: Tensors, schema):
+        from fl_sparse.interfaces import Link
+
         return Link(direction, client, self.frozen, self.values, version, mask, schema=schema)
 
 
-def partition_id(context: Context, num_clients: int) -> int:
-    """This SuperNode's partition, from its node config."""
+def partition_id(context: Context, num_clients: int | None = None) -> int:
+    """This SuperNode's partition, from its node config (checked against ``num_clients`` when given)."""
     value = context.node_config.get("partition-id")
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_clients:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < 0
+            or (num_clients is not None and value >= num_clients)):
         raise ConfigError(f"node config partition-id={value!r}: start the SuperNode with --node-config "
-                          f"'partition-id=K' for a K in [0, {num_clients})")
+                          f"'partition-id=K' for a K in [0, Experiment.num_clients)")
     return value
 
 
@@ -72,7 +78,7 @@ def _built(context: Context) -> setup.Built:
     return setup.build_cached(setup.Composition.from_run_config(context.run_config), int(config["threads"]))
 
 
-def frozen_part(codec, payload: bytes, link: Link) -> Update | None:
+def frozen_part(codec, payload: bytes, link):
     """The frozen set (``masks``) and values that ``payload`` delivers, if its codec sends such a part
     (FreezeAware, once per client and freeze version); else None."""
     read = getattr(codec, "frozen_part", None)
@@ -81,13 +87,15 @@ def frozen_part(codec, payload: bytes, link: Link) -> Update | None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this SuperNode serves."""
-    simulation = _built(context).simulation
-    return wire.partition_reply(msg, partition_id(context, simulation.experiment.num_clients))
+    """Tell the server which partition this SuperNode serves (the server checks it against the experiment)."""
+    return wire.partition_reply(msg, partition_id(context))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fl_sparse.interfaces import Message as Update
+    from fl_sparse.training import train_client
+
     built = _built(context)
     simulation = built.simulation
     schema = simulation.schema

@@ -16,12 +16,14 @@ can produce for the model), before the codec decodes a single byte.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fl_sparse.errors import PayloadError
-from fl_sparse.interfaces import ClientResult, Tensors
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: a query's ClientApp process never needs it
+    from fl_sparse.interfaces import ClientResult, Tensors
 
 PAYLOAD, ROUND = "fl_sparse.payload", "fl_sparse.round"
 PAYLOAD_STYPE = "fl_sparse.payload"
@@ -82,6 +84,8 @@ def read_upload(reply: Message, round: int, client: int, limit: int) -> tuple[Cl
     if numbers["num_samples"] < 0 or not math.isfinite(numbers["train_loss"]):
         raise PayloadError(f"num_samples={numbers['num_samples']}, train_loss={numbers['train_loss']} are invalid")
     payload = payload_of(reply, limit)
+    from fl_sparse.interfaces import ClientResult
+
     return ClientResult(client, {}, {}, numbers["num_samples"], numbers["train_loss"]), payload
 
 
@@ -112,4 +116,6 @@ def tensors_record(tensors: Tensors) -> ArrayRecord:
 
 
 def record_tensors(record: ArrayRecord) -> Tensors:
+    import torch
+
     return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
