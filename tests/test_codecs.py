@@ -278,6 +278,24 @@ def test_freeze_aware_downlink_delivers_the_frozen_part_once_per_client_and_vers
     assert codec.state_dict() == {"3": 2, "4": 1}
 
 
+def test_freeze_aware_frozen_part_is_what_a_remote_receiver_keeps():
+    """A receiver without the server's state (fl_sparse.flower's ClientApp) learns the frozen set and values
+    from the first payload of a freeze version, and decodes the later ones with them alone."""
+    message = model_message(0.4)
+    codec, link = FreezeAware(), frozen_link("down", 3, message)
+    first, second = codec.encode(message, link), codec.encode(message, link)
+    nothing = Link("down", 3, {}, {}, 1)
+    part = codec.frozen_part(first, nothing)
+    assert part.masks.keys() == link.frozen.keys()
+    for name, frozen in link.frozen.items():
+        assert torch.equal(part.masks[name], frozen)
+        assert torch.equal(part.tensors[name][frozen], message.tensors[name][frozen])
+    assert codec.frozen_part(second, nothing) is None
+    assert codec.frozen_part(second, Link("down", 3, {}, {}, 0)) is None  # nothing frozen yet
+    kept = Link("down", 3, part.masks, part.tensors, 1)
+    assert_messages_equal(codec.decode(second, kept), as_received(message))
+
+
 @FAST
 @given(seed=st.integers(0, 1000), density=st.sampled_from([0.0, 0.2, 0.7, 1.0]),
        frozen_fraction=st.sampled_from([0.0, 0.3, 1.0]), direction=st.sampled_from(["up", "down"]),
