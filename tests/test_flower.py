@@ -154,6 +154,15 @@ def test_run_config_keys_match_the_app():
     assert declared == setup.DEFAULTS
 
 
+def test_without_flower_the_command_says_which_extra_to_install(monkeypatch, capsys):
+    from fl_sparse.cli import main
+
+    monkeypatch.setitem(sys.modules, "flwr", None)  # as if flwr were not installed
+    assert main(["flower", "run", "pffdst", "--superlink", "lab"]) == 2
+    assert capsys.readouterr().err.strip() == ("fl-sparse: error: Flower is not installed: "
+                                               "pip install 'fl-sparse[flower]'")
+
+
 def test_cli_submits_the_composition_with_flwr_run(monkeypatch, capsys):
     from fl_sparse.cli import main
     from fl_sparse.flower import APP_DIR
