@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -146,7 +147,12 @@ def _run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     configs.parse(args.algorithm, args.presets, _bindings(args))
-    experiment = Experiment()  # validates every binding before anything is loaded or logged
+    try:
+        experiment = Experiment()  # validates every binding before anything is loaded or logged
+    except TypeError as error:  # a value of the wrong type met a part's own checks ('abc' > 0)
+        part = re.search(r"In call to configurable '(\w+)'", str(error))
+        raise ConfigError(f"a binding of {part[1] if part else 'Experiment'} has a value of the wrong type: "
+                          f"{configs.first_line(error)}") from None
     config_text = gin.config_str()
     state, run_id = None, None
     if args.resume:

@@ -6,8 +6,10 @@ created, so a bad configuration writes nothing.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
+import typing
 from typing import Callable
 
 import gin
@@ -101,6 +103,15 @@ class Experiment:
                   f"Experiment.{field.name}={value!r} must be {_SCALAR_WORDS[field.type]}")
             if field.name.endswith("seed"):
                 check(value >= 0, f"Experiment.{field.name}={value} must be >= 0 (--seed S)")
+        check(callable(self.model), f"Experiment.model={self.model!r} must be a model function, e.g. @lenet")
+        for name, hint in typing.get_type_hints(type(self)).items():  # parts: an instance of their interface
+            interfaces = tuple(t for t in typing.get_args(hint) or (hint,) if isinstance(t, abc.ABCMeta))
+            value = getattr(self, name)
+            if not interfaces or (value is None and type(None) in typing.get_args(hint)):
+                continue
+            shown = repr(value) if isinstance(value, (int, float, str, type(None))) else f"@{type(value).__name__}()"
+            check(isinstance(value, interfaces), f"Experiment.{name}={shown} must be a {interfaces[0].__name__} "
+                                                 f"part: @Name() of one that fl-sparse list shows under it")
 
     @property
     def torch_device(self) -> torch.device:
