@@ -66,7 +66,7 @@ class Experiment:
     executor: ClientExecutor = dataclasses.field(default_factory=Sequential)
 
     def __post_init__(self):
-        self._check_scalar_types()
+        self._check_types()
         check(self.rounds >= 1, f"Experiment.rounds={self.rounds} must be >= 1 (use --rounds N)")
         check(self.num_clients >= 1, f"Experiment.num_clients={self.num_clients} must be >= 1")
         check(1 <= self.clients_per_round <= self.num_clients,
@@ -88,10 +88,11 @@ class Experiment:
             check(total == self.rounds, f"the schedule is built for {total} rounds but Experiment.rounds="
                                         f"{self.rounds}; bind both through the ROUNDS macro (--rounds N)")
 
-    def _check_scalar_types(self) -> None:
-        """Numbers and strings bound through gin arrive unchecked (``Experiment.rounds='3'``, ``=1e999``); check
-        them against the annotations first, so that the range checks below compare numbers. Seeds are
-        non-negative: numpy's SeedSequence rejects negative entropy."""
+    def _check_types(self) -> None:
+        """Values bound through gin arrive unchecked (``Experiment.rounds='3'``, ``=1e999``,
+        ``Experiment.mask_policy=3``); check them against the annotations first, so that the range checks
+        below compare numbers and a wrong part fails here, not in the first round. Seeds are non-negative:
+        numpy's SeedSequence rejects negative entropy."""
         for field in dataclasses.fields(self):
             kinds = _SCALAR_ANNOTATIONS.get(field.type)
             value = getattr(self, field.name)
