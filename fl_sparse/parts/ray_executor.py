@@ -177,9 +177,13 @@ class RayExecutor(ClientExecutor):
                     # address="local" always starts a new Ray, never joins one `ray start` left on this host.
                     # The object store holds the training images plus a few rounds of results; tmpfs pages are
                     # only used when written, so a roomy limit costs nothing at start-up.
+                    # Ray starts workers at nice 15, so that its own daemons stay responsive; on a host shared
+                    # with anything else that starves them (2 workers ran at half a nice-0 process's speed on a
+                    # loaded 2-core host). Training is the point of these workers: nice 0, as the driver.
                     cpus = self.num_workers * self.threads_per_worker if self.num_workers else None
                     images = stored[1].nbytes + stored[2].nbytes
-                    ray.init(address="local", num_cpus=cpus, object_store_memory=2 * images + 512 * MIB, **options)
+                    ray.init(address="local", num_cpus=cpus, object_store_memory=2 * images + 512 * MIB,
+                             _system_config={"worker_niceness": 0}, **options)
                 else:
                     ray.init(address=self.address, **options)
             except Exception as error:  # noqa: BLE001 (ray.init raises bare Exception on a start-up timeout)
