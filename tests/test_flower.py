@@ -26,6 +26,7 @@ pytest.importorskip("flwr", reason="the flower extra is not installed: pip insta
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
+from fl_sparse.errors import ConfigError  # noqa: E402
 from fl_sparse.flower import clientapp, serverapp, setup  # noqa: E402
 from fl_sparse.parts.executors import Sequential  # noqa: E402
 from fl_sparse.training import train_client  # noqa: E402
@@ -202,6 +203,30 @@ def test_loopback_grid_matches_the_in_process_engine_bitwise(task_identity, tmp_
         assert 0 < ours["flower_downlink_bytes"] - ours["downlink_bytes"] < 500
         assert 0 < ours["flower_uplink_bytes"] - ours["uplink_bytes"] < 500
         assert ours["rejected_clients"] == 0
+
+
+def test_a_resumed_flower_server_ends_bitwise_where_an_uninterrupted_one_does(task_identity, tmp_path):
+    """The server stops after round 1 (its round-2 checkpoint removed, as if killed) and resumes with
+    resume = true: same final weights, mask, frozen set and bytes as the run that was never stopped."""
+    import shutil
+
+    torch.set_num_threads(1)
+    config = run_config(*PFFDST_SHORT)
+    expected, _ = flower_run(config, num_nodes=3, out=tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "round-000002")
+    state, metrics = flower_run({**config, "resume": True}, num_nodes=3, out=tmp_path / "resumed")
+    assert [m["round"] for m in metrics] == [2]
+    assert (state.round, state.freeze_version, state.cumulative_bytes) == (
+        expected.round, expected.freeze_version, expected.cumulative_bytes)
+    for name in ("weights", "mask", "frozen"):
+        assert_same_weights(getattr(state, name), getattr(expected, name))
+
+
+def test_resume_without_a_checkpoint_dir_is_one_line(task_identity):
+    with pytest.raises(ConfigError, match="resume = true needs checkpoint-dir"):
+        serverapp.main(LoopbackGrid(run_config(*PFFDST_SHORT), 3, None),
+                       Context(1, 0, {}, RecordDict(), run_config(*PFFDST_SHORT, resume=True)))
 
 
 def test_hostile_replies_are_rejected_and_the_round_aggregates_the_others(task_identity, tmp_path):

@@ -39,6 +39,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = setup.settings(context.run_config)
+    if config["resume"] and not config["checkpoint-dir"]:
+        raise ConfigError("resume = true needs checkpoint-dir: the directory the interrupted run checkpointed into")
     built = setup.build(setup.Composition.from_run_config(context.run_config), int(config["threads"]))
     simulation, exp = built.simulation, built.simulation.experiment
     if not isinstance(exp.freeze_policy, NoFreeze) and not hasattr(exp.downlink_codec, "frozen_part"):
@@ -47,11 +49,15 @@ def main(grid: Grid, context: Context) -> None:
                           "Experiment.downlink_codec = @FreezeAware()")
     server = FlowerRound(grid, simulation, built.payload_limit, float(config["round-timeout"]))
     server.discover(float(config["node-wait"]))
-    callbacks = [log_metrics(config["metrics-file"])]
+    callbacks, state, directory = [log_metrics(config["metrics-file"])], None, Path(str(config["checkpoint-dir"]))
+    if config["resume"]:
+        # the same checks as `fl-sparse run --resume`: same composition, checksums, then the parts' own state
+        state = checkpoint.apply(simulation, *checkpoint.read(directory, built.config_text))
+        log.info("fl_sparse: resuming after round %d from %s", state.round, directory)
     if config["checkpoint-dir"]:
-        callbacks.append(checkpoint.Checkpointer(Path(str(config["checkpoint-dir"])), int(config["checkpoint-every"]),
+        callbacks.append(checkpoint.Checkpointer(directory, int(config["checkpoint-every"]),
                                                  simulation, None, built.config_text))
-    state = simulation.run(callbacks=callbacks, play_round=server.play_round)
+    state = simulation.run(state, callbacks=callbacks, play_round=server.play_round)
     log.info("fl_sparse: finished %d rounds, %.6f GB by our codecs", state.round, state.cumulative_bytes / 1e9)
 
 

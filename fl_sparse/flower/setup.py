@@ -25,6 +25,7 @@ DEFAULTS = {
     "node-wait": 120.0,  # seconds the server waits for enough SuperNodes to connect
     "checkpoint-dir": "",  # where the server writes checkpoints ("" = none)
     "checkpoint-every": 1,
+    "resume": False,  # continue from the newest checkpoint in checkpoint-dir (same composition), as --resume does
     "metrics-file": "",  # a JSON-lines file of each round's metrics, written by the server ("" = none)
 }
 
