@@ -151,8 +151,9 @@ def test_run_config_keys_match_the_app():
 
     from fl_sparse.flower import APP_DIR
 
-    declared = tomllib.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == setup.DEFAULTS
+    for app in (APP_DIR, FAULTY_APP):  # flwr refuses a -c key that the app does not declare
+        declared = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+        assert declared == setup.DEFAULTS, app
 
 
 def test_without_flower_the_command_says_which_extra_to_install(monkeypatch, capsys):
