@@ -4,7 +4,8 @@ The records come from an export directory (``--from-export``) or straight from M
 the same code that writes the export (:mod:`fl_sparse.results_export`), so both give the same report.
 
 Runs are grouped by their ``algorithm`` tag and by the budget column, read from the ``presets`` tag
-(a preset named ``table1_<N>gb``; runs without one fall in column ``-``). For every group it gives mean
+(``<N>gb`` for a preset named ``table1_<N>gb``; otherwise the presets themselves, e.g. ``vit_cifar10_budget``,
+so another experiment's runs form their own rows; ``-`` when no preset is recorded). For every group it gives mean
 ± std over seeds of: the best evaluated accuracy over rounds (as the paper reports it: this picks the
 round on the test set, so it is an optimistic number and labelled so), the final-round accuracy, both
 for the full test set and the mean of the clients' local test splits, measured GB, FLOPs and rounds.
@@ -37,7 +38,7 @@ TAIL = 10  # evaluations averaged for the "last 10" column: one evaluation is a 
 
 def _column(presets: str) -> str:
     match = re.search(r"table1_(\d+gb)", presets or "")
-    return match.group(1) if match else "-"
+    return match.group(1) if match else (presets or "-")
 
 
 def summarize(history: dict[str, list[tuple[int, float]]]) -> dict:

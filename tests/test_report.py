@@ -2,7 +2,7 @@
 
 import pytest
 
-from fl_sparse.report import TAIL, active_seconds, markdown_table, seed_mean_curve, summarize
+from fl_sparse.report import TAIL, _column, active_seconds, markdown_table, seed_mean_curve, summarize
 
 
 def history(accuracies, gb_per_round=0.5):
@@ -39,6 +39,12 @@ def test_table_orders_methods_as_the_paper_and_marks_budget_stops():
     assert lines[2].startswith("| FedAvgM | 4 GB | 2 | 24.00 ± 7.07 | 25.00 ± 7.07 |")
     assert lines[3].startswith("| PFFDST | 4 GB | 1 |") and "39.21" in lines[3]  # the paper's number
     assert "| 2 of 350 |" in lines[3] and "| 2 ± 0 |" in lines[2]
+
+
+def test_runs_are_grouped_by_table1_budget_or_else_by_their_presets():
+    assert _column("table1_8gb") == "8gb" and _column("cifar10_lenet table1_16gb") == "16gb"
+    # Another experiment's preset (the ViT one) forms its own rows instead of falling in with others.
+    assert _column("vit_cifar10_budget") == "vit_cifar10_budget" and _column("") == "-"
 
 
 def test_active_seconds_leaves_out_an_interruption():
