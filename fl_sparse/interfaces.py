@@ -262,6 +262,13 @@ class ClientOptimizer(abc.ABC):
         keep their value (+0.0 bitwise; a -0.0 may become +0.0) and the optimiser state ``init`` gave
         them: masked weights stay exactly zero, frozen weights stay frozen."""
 
+    def step_in_place(self, params: Tensors, grads: Tensors, state: Tensors,
+                      trainable: Tensors) -> tuple[Tensors, Tensors]:
+        """``step``'s numbers, for a caller that owns ``params``, ``grads`` and ``state`` and uses only the
+        returned dicts afterwards: an optimiser may overwrite those tensors instead of allocating new ones
+        (one client trained on its own, not under ``vmap``). The default simply calls ``step``."""
+        return self.step(params, grads, state, trainable)
+
 
 class ModelReparameterization(abc.ABC):
     """Optional: changes how the model computes with its parameters (e.g. Powerprop), applied once to the

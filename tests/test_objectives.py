@@ -68,3 +68,28 @@ def test_reference_softmax_is_cross_entropy_of_probabilities_and_shrinks_the_gra
     plain = _grads(CrossEntropy(), params, params, x, y)["w"].norm()
     squashed = _grads(CrossEntropy(reference_softmax=True), params, params, x, y)["w"].norm()
     assert squashed < 0.5 * plain
+
+
+@pytest.mark.parametrize("momentum, weight_decay, gate_dtype", [
+    (0.9, 1e-3, torch.float32), (0.9, 0.0, torch.bool), (0.0, 1e-3, torch.float32), (0.0, 0.0, None)])
+def test_sgd_step_in_place_gives_steps_numbers_bitwise(momentum, weight_decay, gate_dtype):
+    """Same kernels on the same tensors, only written in place: the sequential path (step_in_place) and the
+    vectorized one (step) must keep computing the same updates."""
+    torch.manual_seed(3)
+    shapes = {"conv": (6, 3, 5, 5), "fc": (120, 400), "bias": (120,)}
+    params = {name: torch.randn(shape) for name, shape in shapes.items()}
+    gates = {} if gate_dtype is None else {"conv": (torch.rand(6, 3, 5, 5) > 0.5).to(gate_dtype),
+                                           "fc": (torch.rand(120, 400) > 0.8).to(gate_dtype)}
+    opt = SGD(lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    functional, functional_state = dict(params), opt.init(params)
+    in_place, in_place_state = {name: p.clone() for name, p in params.items()}, opt.init(params)
+    for _ in range(4):
+        grads = {name: torch.randn_like(p) * 3 for name, p in params.items()}
+        functional, functional_state = opt.step(functional, grads, functional_state, gates)
+        in_place, in_place_state = opt.step_in_place(in_place, {n: g.clone() for n, g in grads.items()},
+                                                     in_place_state, gates)
+    for name in params:
+        assert torch.equal(in_place[name], functional[name]), name
+        assert not torch.equal(in_place[name], params[name]), name  # it trained
+        if momentum:
+            assert torch.equal(in_place_state[name], functional_state[name]), name

@@ -76,3 +76,20 @@ class SGD(ClientOptimizer):
                 new_state[name] = direction
             new_params[name] = torch.add(param, direction, alpha=-self.lr)
         return new_params, new_state
+
+    def step_in_place(self, params, grads, state, trainable):
+        # ``step``'s operations in the same order, each written into the caller's tensors: the gradient
+        # becomes the direction and then the momentum. Four foreach calls replace ~40 per-tensor ops and
+        # their temporaries (on LeNet's fc1, 3 MB each): fewer allocations and less Python per step.
+        names = list(params)
+        directions = [grads[name] for name in names]
+        if self.weight_decay:
+            torch._foreach_add_(directions, [params[name] for name in names], alpha=self.weight_decay)
+        masked = [name for name in names if name in trainable]
+        if masked:
+            torch._foreach_mul_([grads[name] for name in masked], [trainable[name] for name in masked])
+        if self.momentum:
+            torch._foreach_add_(directions, [state[name] for name in names], alpha=self.momentum)
+            state = dict(zip(names, directions))
+        torch._foreach_add_([params[name] for name in names], directions, alpha=-self.lr)
+        return params, state
