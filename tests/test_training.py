@@ -65,3 +65,32 @@ def test_batch_order_is_the_batch_positions_in_the_clients_indices():
     assert all(sorted(torch.cat(positions[i:i + 3]).tolist()) == list(range(70)) for i in (0, 3))
     for index, at in zip(training.batch_order(task, 2, 32), positions):
         assert torch.equal(index, task.indices[at])
+
+
+class _SumOfTwo(torch.nn.Module):
+    """Logits = a + b: autograd returns the same tensor as the gradient of both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(1, 10))
+        self.b = torch.nn.Parameter(torch.zeros(1, 10))
+
+    def forward(self, x):
+        return self.a + self.b + 0 * x.flatten(1)[:, :10].sum()
+
+
+def test_gradients_that_autograd_shares_come_back_apart():
+    from fl_sparse.parts.objectives import SGD, CrossEntropy
+
+    job = training.TrainingJob(_SumOfTwo(), None, CrossEntropy(), SGD(), None, 1, 1)
+    params = {name: torch.randn(1, 10) for name in ("a", "b")}
+    x, y = torch.randn(1, 3, 4, 4), torch.tensor([3])
+    logits = (params["a"] + params["b"]).requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), logits)[0]
+    grads, _ = job.grads_and_loss(params, {}, params, x, y)
+    assert grads["a"].untyped_storage().data_ptr() != grads["b"].untyped_storage().data_ptr()
+    state = job.optimizer.init(params)
+    before = {name: p.clone() for name, p in params.items()}
+    params, state = job.optimizer.step_in_place(params, grads, state, {})
+    for name in params:  # each parameter moved by its own gradient, not by the other one's update
+        torch.testing.assert_close(params[name], before[name] - 0.01 * (want + 1e-3 * before[name]), rtol=0, atol=1e-7)
