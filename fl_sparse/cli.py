@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("out", help="directory to write table.md, reach.md and the PNG plots into")
     report.add_argument("--from-export", action="append", metavar="DIR", help="read the runs exported into DIR by "
                         "fl-sparse export instead of MLflow (repeat to combine experiments)")
+    report.add_argument("--reach", type=float, nargs="+", metavar="PCT", help="test accuracies (%%) for reach.md's "
+                        "communication-to-accuracy table (default 30 35 40, for Table 1's LeNet)")
     export = commands.add_parser("export", help="write each finished MLflow run as text into OUT_DIR: per-round "
                                  "metrics (.csv), resolved config (.gin), params and tags (.json)")
     export.add_argument("out_dir", metavar="OUT_DIR", help="e.g. docs/results/table1/runs/table1_4gb")
@@ -221,11 +223,14 @@ def _report(args: argparse.Namespace) -> int:
     from fl_sparse.tracking import tracking_uri
 
     require_matplotlib()  # before the runs are read: a missing extra is one line, at once
+    for value in args.reach or ():
+        if not 0 < value <= 100:
+            raise ConfigError(f"--reach {value:g}: give test accuracies in percent, above 0 and at most 100")
     if args.from_export:
         records = [record for directory in args.from_export for record in results_export.read(Path(directory))]
     else:
         records = results_export.from_mlflow(tracking_uri(args.tracking_uri), args.experiment_name)
-    for path in write_report(records, Path(args.out)):
+    for path in write_report(records, Path(args.out), *([tuple(args.reach)] if args.reach else [])):
         print(path)
     return 0
 

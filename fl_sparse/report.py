@@ -192,14 +192,15 @@ def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
     return written
 
 
-def write_report(records: list[RunRecord], out: Path) -> list[Path]:
-    """table.md, reach.md and the plots from run records (:mod:`fl_sparse.results_export`), however read."""
-    from fl_sparse.report_reach import reach_table
+def write_report(records: list[RunRecord], out: Path, reach_thresholds: tuple[float, ...] | None = None) -> list[Path]:
+    """table.md, reach.md (at ``reach_thresholds`` %, default :data:`~fl_sparse.report_reach.THRESHOLDS`) and the
+    plots from run records (:mod:`fl_sparse.results_export`), however read."""
+    from fl_sparse.report_reach import THRESHOLDS, reach_table
 
     require_matplotlib()
     groups = collect(records)
     out.mkdir(parents=True, exist_ok=True)
     table, reach = out / "table.md", out / "reach.md"
     table.write_text(markdown_table(groups))
-    reach.write_text(reach_table(groups))
+    reach.write_text(reach_table(groups, reach_thresholds or THRESHOLDS))
     return [table, reach, *plots(groups, out)]

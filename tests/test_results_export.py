@@ -98,6 +98,10 @@ def test_report_from_the_export_equals_the_report_from_mlflow(tmp_path, monkeypa
     for name in ["table.md", "reach.md", "accuracy_vs_gb.png", "accuracy_vs_flops.png"]:
         assert (tmp_path / "from_export" / name).read_bytes() == (tmp_path / "from_mlflow" / name).read_bytes(), name
     assert "| FedAvg | - | 2 |" in (tmp_path / "from_export" / "table.md").read_text()
+    assert main(["report", "low", "--from-export", "runs", "--reach", "5", "12.5"]) == 0  # e.g. a weaker model
+    assert "| GB to 5 % (round) | FLOPs to 5 % | GB to 12.5 % (round) |" in (tmp_path / "low" / "reach.md").read_text()
+    assert main(["report", "bad", "--from-export", "runs", "--reach", "0"]) == 2
+    assert "--reach 0: give test accuracies in percent" in capsys.readouterr().err
 
 
 def test_report_from_a_missing_export_is_one_line(tmp_path, capsys):
