@@ -22,6 +22,11 @@ prints the batching bound: the tuned batch-640 throughput over Sequential's. Tha
 clients of a round together would gain if it ran as fast as one batch of 640, a reference for the
 vectorized/sequential ratio.
 
+``--repeats N`` measures everything N times, the baselines and the rounds interleaved (their order reversed
+every other repetition), and prints medians; each ratio to plain PyTorch is the median of the per-repetition
+ratios. On a VM whose speed drifts by tens of percent within minutes, this is what makes one run of the
+benchmark decide a threshold such as "at least 1.0x plain batch 32" (``vs plain b32``).
+
 ``--device cuda`` runs everything on the GPU (timers stop after ``torch.cuda.synchronize``) and adds the
 peak GPU memory; ``auto`` (the default) picks CUDA when present.
 
@@ -225,6 +230,41 @@ def _run_worker(args, kind: str, **extra) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _measure_interleaved(args, executors: list[str]) -> tuple[dict, list[dict]]:
+    """The baselines and every (algorithm, executor) ``args.repeats`` times, in reversed order every other
+    repetition so that a drift of the machine's speed does not always favour the same side. Returns the
+    baselines' medians and one row per configuration: medians of its repetitions, with each ratio taken per
+    repetition (both sides measured minutes apart at most) and then its median."""
+    jobs = [("plain", {})] + [("rounds", {"algorithm": a, "executor": e}) for a in args.algorithms for e in executors]
+    runs = {i: [] for i in range(len(jobs))}
+    for repetition in range(args.repeats):
+        order = range(len(jobs)) if repetition % 2 == 0 else reversed(range(len(jobs)))
+        for i in order:
+            kind, extra = jobs[i]
+            runs[i].append(_run_worker(args, kind, **extra))
+    plains = runs[0]
+    plain = {key: statistics.median(p[key] for p in plains) if isinstance(value, (int, float)) else value
+             for key, value in plains[0].items()}
+    rows = []
+    for i, (_, extra) in enumerate(jobs[1:], start=1):
+        reps = runs[i]
+        sequential = next((j for j, (_, e) in enumerate(jobs) if e.get("algorithm") == extra["algorithm"]
+                           and e.get("executor") == "sequential"), None)
+        row = dict(reps[-1])
+        row["seconds"] = [t for rep in reps for t in rep["seconds"]]
+        for key in ("median_s", "warmup_s", "samples_per_s", "peak_rss_mb"):
+            row[key] = statistics.median(rep[key] for rep in reps)
+        row["vs_plain_b32_each"] = [rep["samples_per_s"] / p["plain_b32_samples_per_s"]
+                                    for rep, p in zip(reps, plains)]
+        row["vs_plain_b32"] = statistics.median(row["vs_plain_b32_each"])
+        row["vs_plain_b640"] = statistics.median(rep["samples_per_s"] / p["plain_b640_samples_per_s"]
+                                                 for rep, p in zip(reps, plains))
+        if sequential is not None:  # Sequential's seconds per round over this executor's, per repetition
+            row["speedup"] = statistics.median(s["median_s"] / rep["median_s"] for s, rep in zip(runs[sequential], reps))
+        rows.append(row)
+    return plain, rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", help="root holding cifar-10-batches-py (default: the embedded subset)")
@@ -240,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="Experiment.device for every configuration (auto: CUDA when present)")
     parser.add_argument("--bind", action="append", default=[], help="extra gin binding for every configuration")
+    parser.add_argument("--repeats", type=int, default=1, help="measure everything this many times, baselines "
+                        "and rounds interleaved, and report medians (ratios: medians of per-repetition ratios)")
     parser.add_argument("--quick", action="store_true",
                         help="2 timed rounds, shorter plain-PyTorch runs, one process (< 1 min on the embedded data)")
     parser.add_argument("--worker", choices=["rounds", "plain"], help=argparse.SUPPRESS)
@@ -257,13 +299,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
 
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     started = time.perf_counter()
     load_before = os.getloadavg()
-    plain = _run_worker(args, "plain")
+    executors = [variant for executor in args.executors
+                 for variant in ([f"ray:{n}" for n in args.workers] if executor == "ray" else [executor])]
+    plain, rows = _measure_interleaved(args, executors)
     from fl_sparse.run_details import cpu_model  # the host_cpu tag of tracked runs
 
+    repeated = f", medians of {args.repeats} interleaved repetitions" if args.repeats > 1 else ""
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}")
-    print(f"data: {plain['data']}  (model {args.model}, preset {PRESETS[args.model]})")
+    print(f"data: {plain['data']}  (model {args.model}, preset {PRESETS[args.model]}){repeated}")
     print(f"plain PyTorch {args.model} training (nn.Module + torch.optim.SGD, in-memory tensors): "
           f"batch 32: {plain['plain_b32_samples_per_s']:.0f} samples/s, "
           f"batch 640: {plain['plain_b640_samples_per_s']:.0f} samples/s; with this library's layers and "
@@ -271,26 +318,23 @@ def main(argv: list[str] | None = None) -> None:
           f"batch 640: {plain['tuned_b640_samples_per_s']:.0f} samples/s")
     print(f"evaluate() on the full test set ({plain['test_images']} images): {plain['evaluate_s']:.3f} s")
     header = (f"{'algorithm':<10} {'executor':<11} {'s/round':>8} {'min':>7} {'max':>7} {'warm-up':>8} "
-              f"{'samples/s':>10} {'peak RSS MB':>11} {'peak GPU MB':>11} {'seq/this':>8} {'vs plain b640':>13}")
+              f"{'samples/s':>10} {'peak RSS MB':>11} {'peak GPU MB':>11} {'seq/this':>8} {'vs plain b32':>12} "
+              f"{'vs plain b640':>13}")
     print(header)
     print("-" * len(header))
-    rows = []
-    executors = [variant for executor in args.executors
-                 for variant in ([f"ray:{n}" for n in args.workers] if executor == "ray" else [executor])]
-    for algorithm in args.algorithms:
-        by_executor = {}
-        for executor in executors:
-            r = _run_worker(args, "rounds", algorithm=algorithm, executor=executor)
-            by_executor[executor] = r
-            speedup = ""
-            if executor != "sequential" and "sequential" in by_executor:
-                speedup = f"{by_executor['sequential']['median_s'] / r['median_s']:.2f}x"
-            ratio = r["samples_per_s"] / plain["plain_b640_samples_per_s"]
-            gpu = f"{r['peak_gpu_mb']:11.0f}" if r["peak_gpu_mb"] is not None else f"{'-':>11}"
-            print(f"{algorithm:<10} {executor:<11} {r['median_s']:8.3f} {min(r['seconds']):7.3f} "
-                  f"{max(r['seconds']):7.3f} {r['warmup_s']:8.2f} {r['samples_per_s']:10.0f} "
-                  f"{r['peak_rss_mb']:11.0f} {gpu} {speedup:>8} {ratio:12.2f}x", flush=True)
-            rows.append(r)
+    for r in rows:
+        sequential = next((q for q in rows if q["algorithm"] == r["algorithm"] and q["executor"] == "sequential"),
+                          None)
+        speedup = f"{r['speedup']:.2f}x" if r is not sequential and sequential is not None else ""
+        gpu = f"{r['peak_gpu_mb']:11.0f}" if r["peak_gpu_mb"] is not None else f"{'-':>11}"
+        print(f"{r['algorithm']:<10} {r['executor']:<11} {r['median_s']:8.3f} {min(r['seconds']):7.3f} "
+              f"{max(r['seconds']):7.3f} {r['warmup_s']:8.2f} {r['samples_per_s']:10.0f} "
+              f"{r['peak_rss_mb']:11.0f} {gpu} {speedup:>8} {r['vs_plain_b32']:11.2f}x "
+              f"{r['vs_plain_b640']:12.2f}x", flush=True)
+    if args.repeats > 1:
+        print("per-repetition samples/s over plain b32: " + "; ".join(
+            f"{r['algorithm']} {r['executor']} " + ", ".join(f"{x:.2f}x" for x in r["vs_plain_b32_each"])
+            for r in rows))
     for r in rows:
         if r["worker_peak_rss_mb"]:
             print(f"{r['algorithm']} {r['executor']}: peak RSS per worker process, MB: "

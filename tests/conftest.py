@@ -43,3 +43,16 @@ def fresh_gin_config():
     yield
     gin.clear_config()
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module that trains: the results compared do not depend on it, and on a shared
+    2-core machine two OpenMP threads slow down several-fold whenever another process is busy
+    (docs/benchmarks.md). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,17 +24,8 @@ from helpers import play, simulation
 ATOL = 1e-5
 SIZES = (7, 33, 130)  # 1, 2 and 5 batches of 32 per epoch; short last batches everywhere
 
-pytestmark = pytest.mark.kernels  # two executors' float results: rerun with the CPU kernels forced down too
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: equality does not depend on it, and on a shared 2-core machine two OpenMP threads
-    slow down several-fold whenever another process is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.kernels,  # two executors' float results: rerun with the CPU kernels forced down too
+              pytest.mark.usefixtures("one_thread")]
 
 
 def tasks_for(sim, state, sizes=SIZES, round=None):

@@ -31,13 +31,7 @@ from fl_sparse.parts.ray_executor import RayExecutor, WorkerLost  # noqa: E402
 from fl_sparse.training import ClientTask, generator  # noqa: E402
 from helpers import play, simulation  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_states(want, got):

@@ -12,13 +12,7 @@ from fl_sparse.parts.executors import Sequential
 from helpers import simulation
 from test_executors import context, tasks_for
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("algorithm, bindings", [

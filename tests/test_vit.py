@@ -145,16 +145,6 @@ def test_vit_preset_sizes_are_gin_parameters():
     assert model.patch_embed.num_patches == 64
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads slow down several-fold whenever
-    another process is busy (docs/benchmarks.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_pffdst_runs_two_rounds_on_the_vit_preset(one_thread):
     """CI: the cifar10_vit preset (400 clients of the embedded subset, 20 per round) under PFFDST."""
     configs.parse("pffdst", ["cifar10_vit"], ["ROUNDS = 2"])
