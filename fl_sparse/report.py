@@ -5,7 +5,9 @@ the same code that writes the export (:mod:`fl_sparse.results_export`), so both 
 
 Runs are grouped by their ``algorithm`` tag and by the budget column, read from the ``presets`` tag
 (``<N>gb`` for a preset named ``table1_<N>gb``; otherwise the presets themselves, e.g. ``vit_cifar10_budget``,
-so another experiment's runs form their own rows; ``-`` when no preset is recorded). For every group it gives mean
+so another experiment's runs form their own rows; ``-`` when no preset is recorded). Records read from several
+MLflow experiments that share a method and budget (a variant beside its base run, e.g. ``table1_4gb_known_mask``
+beside ``table1_4gb``) keep apart: the budget column then names the experiment too. For every group it gives mean
 ± std over seeds of: the best evaluated accuracy over rounds (as the paper reports it: this picks the
 round on the test set, so it is an optimistic number and labelled so), the final-round accuracy, both
 for the full test set and the mean of the clients' local test splits, measured GB, FLOPs and rounds.
@@ -41,6 +43,17 @@ def _column(presets: str) -> str:
     return match.group(1) if match else (presets or "-")
 
 
+def column_label(column: str) -> str:
+    """``4gb`` as ``4 GB``, ``4gb · table1_4gb_reference`` as ``4 GB · table1_4gb_reference``."""
+    return re.sub(r"^(\d+)gb\b", r"\1 GB", column)
+
+
+def budget_gb(column: str) -> int | None:
+    """The budget of a plain Table 1 column (``8gb`` -> 8); None for variants and other experiments."""
+    match = re.fullmatch(r"(\d+)gb", column)
+    return int(match.group(1)) if match else None
+
+
 def summarize(history: dict[str, list[tuple[int, float]]]) -> dict:
     """Per-run numbers from metric histories {key: [(round, value)]}: best, final and mean of the last
     ``TAIL`` evaluations of both accuracy kinds (in %), the last cumulative GB and FLOPs, and the rounds."""
@@ -59,6 +72,9 @@ def summarize(history: dict[str, list[tuple[int, float]]]) -> dict:
 def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
     """Runs with evaluations as {(algorithm, column): [per-seed summary]}, with full metric histories."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    experiments = defaultdict(set)  # (algorithm, column) -> the experiments its runs come from
+    for record in records:
+        experiments[(record.info["algorithm"], _column(record.info["presets"]))].add(record.info.get("experiment"))
     for record in records:
         history = {key: record.history(key)
                    for key in ("test_accuracy", "local_accuracy", "cumulative_gb", "cumulative_flops")}
@@ -69,7 +85,10 @@ def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
         planned = record.info["params"].get("Experiment.rounds", "")
         summary.update(run_id=record.info["run_id"], seed=str(record.info["seed"]),
                        planned=int(planned) if planned.isdigit() else None)
-        groups[(record.info["algorithm"], _column(record.info["presets"]))].append(summary)
+        key = (record.info["algorithm"], _column(record.info["presets"]))
+        if len(experiments[key]) > 1:  # a variant and its base run: one row each, named by the experiment
+            key = (key[0], f"{key[1]} · {record.info.get('experiment')}")
+        groups[key].append(summary)
     if not groups:
         raise ConfigError("no finished runs with evaluations to report")
     return groups
@@ -94,7 +113,11 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
 
 def _sorted_groups(groups: dict[tuple[str, str], list[dict]]) -> list[tuple[tuple[str, str], list[dict]]]:
     order = list(METHODS)
-    rank = lambda key: (order.index(key[0]) if key[0] in order else len(order), key[0], key[1])  # noqa: E731
+
+    def rank(key: tuple[str, str]) -> tuple:
+        budget = int(re.match(r"\d*", key[1]).group() or 10**9)  # 4gb before 16gb; other experiments last
+        return order.index(key[0]) if key[0] in order else len(order), key[0], budget, key[1]
+
     return sorted(groups.items(), key=lambda item: rank(item[0]))
 
 
@@ -114,7 +137,7 @@ def markdown_table(groups: dict[tuple[str, str], list[dict]]) -> str:
     for (algorithm, column), runs in _sorted_groups(groups):
         paper = PAPER_TABLE1.get(algorithm, {}).get(column)
         lines.append("| " + " | ".join([
-            METHODS.get(algorithm, algorithm), column.replace("gb", " GB"), str(len(runs)),
+            METHODS.get(algorithm, algorithm), column_label(column), str(len(runs)),
             _mean_std([r["best_local_accuracy"] for r in runs]), _mean_std([r["best_test_accuracy"] for r in runs]),
             _mean_std([r["final_local_accuracy"] for r in runs]), _mean_std([r["final_test_accuracy"] for r in runs]),
             _mean_std([r[f"last{TAIL}_test_accuracy"] for r in runs]),
@@ -192,6 +215,48 @@ def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
     return written
 
 
+def budget_plot(groups: dict[tuple[str, str], list[dict]], out: Path) -> Path | None:
+    """``accuracy_vs_budget.png``: best and last-10 test accuracy (seed mean, std as error bars) against the
+    Table 1 budget column, one colour per method, with the paper's best as open markers. Written when some
+    method has runs at two budgets or more; variants and other experiments are left out."""
+    by_method: dict[str, list[tuple[int, list[dict]]]] = defaultdict(list)
+    for (algorithm, column), runs in _sorted_groups(groups):
+        if budget_gb(column) is not None:
+            by_method[algorithm].append((budget_gb(column), runs))
+    by_method = {a: sorted(points, key=lambda p: p[0]) for a, points in by_method.items() if len(points) > 1}
+    if not by_method:
+        return None
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, (algorithm, points) in enumerate(by_method.items()):
+        color, name = f"C{index}", METHODS.get(algorithm, algorithm)
+        budgets = [gb for gb, _ in points]
+        for key, style, label in [("best_test_accuracy", "-o", "best"), (f"last{TAIL}_test_accuracy", "--s",
+                                                                          f"last {TAIL}")]:
+            values = [[r[key] for r in runs] for _, runs in points]
+            ax.errorbar(budgets, [statistics.mean(v) for v in values], fmt=style, color=color, capsize=3,
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
+                        label=f"{name}, {label} (seeds: {', '.join(str(len(v)) for v in values)})")
+        paper = [(gb, PAPER_TABLE1[algorithm][f"{gb}gb"]) for gb in (4, 8, 12, 16)
+                 if f"{gb}gb" in PAPER_TABLE1.get(algorithm, {})]
+        if paper:
+            ax.plot(*zip(*paper), "D", mfc="none", color=color, label=f"{name}, paper (best, local acc.)")
+    ax.set_xlabel("Table 1 budget column (GB, the paper's label)")
+    ax.set_ylabel("test accuracy (%), seed mean ± std")
+    ax.set_xticks(sorted({gb for points in by_method.values() for gb, _ in points} | {4, 8, 12, 16}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "accuracy_vs_budget.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(records: list[RunRecord], out: Path, reach_thresholds: tuple[float, ...] | None = None) -> list[Path]:
     """table.md, reach.md (at ``reach_thresholds`` %, default :data:`~fl_sparse.report_reach.THRESHOLDS`) and the
     plots from run records (:mod:`fl_sparse.results_export`), however read."""
@@ -203,4 +268,5 @@ def write_report(records: list[RunRecord], out: Path, reach_thresholds: tuple[fl
     table, reach = out / "table.md", out / "reach.md"
     table.write_text(markdown_table(groups))
     reach.write_text(reach_table(groups, reach_thresholds or THRESHOLDS))
-    return [table, reach, *plots(groups, out)]
+    budget = budget_plot(groups, out)
+    return [table, reach, *plots(groups, out), *([budget] if budget else [])]

@@ -8,7 +8,7 @@ counting as reaching an accuracy the model does not hold.
 
 from __future__ import annotations
 
-from fl_sparse.report import METHODS, TAIL, _sorted_groups, seed_mean_series
+from fl_sparse.report import METHODS, TAIL, _sorted_groups, column_label, seed_mean_series
 
 THRESHOLDS = (30.0, 35.0, 40.0)  # test accuracy, %
 NOT_REACHED = "not reached"
@@ -30,7 +30,7 @@ def reach_table(groups: dict[tuple[str, str], list[dict]], thresholds: tuple[flo
         header += [f"GB to {t:g} % (round)", f"FLOPs to {t:g} %"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (algorithm, column), runs in _sorted_groups(groups):
-        cells = [METHODS.get(algorithm, algorithm), column.replace("gb", " GB"), str(len(runs))]
+        cells = [METHODS.get(algorithm, algorithm), column_label(column), str(len(runs))]
         for t in thresholds:
             reached = first_reach(runs, t)
             cells += ([NOT_REACHED, NOT_REACHED] if reached is None

@@ -9,7 +9,7 @@ import pytest
 
 from fl_sparse import results_export
 from fl_sparse.cli import main
-from fl_sparse.report import collect
+from fl_sparse.report import budget_plot, collect, markdown_table
 from fl_sparse.report_reach import NOT_REACHED, first_reach, reach_table
 from fl_sparse.results_export import RunRecord
 
@@ -18,14 +18,14 @@ FAST = ["--bind", "Experiment.local_epochs=1", "--bind", "Experiment.num_clients
 
 
 def record(algorithm: str, seed: int, test: list[float], gb_per_round: float, flops_per_round: float,
-           run_id: str = "0123456789abcdef") -> RunRecord:
+           run_id: str = "0123456789abcdef", experiment: str = "table1_4gb", presets: str = "table1_4gb") -> RunRecord:
     rounds = range(1, len(test) + 1)
     metrics = {"test_accuracy": dict(zip(rounds, test)),
                "local_accuracy": {r: 0.0 for r in rounds},  # the reach table must follow test accuracy
                "cumulative_gb": {r: gb_per_round * r for r in rounds},
                "cumulative_flops": {r: flops_per_round * r for r in rounds}}
     info = {"format": results_export.FORMAT_VERSION, "run_id": run_id, "algorithm": algorithm,
-            "presets": "table1_4gb", "seed": str(seed), "start_ms": 1_000, "params": {"Experiment.rounds": str(len(test))}}
+            "presets": presets, "experiment": experiment, "seed": str(seed), "start_ms": 1_000, "params": {"Experiment.rounds": str(len(test))}}
     return RunRecord(f"{algorithm}_s{seed}", info, metrics, {r: 1_000 + 500 * r for r in rounds}, "Experiment.rounds = 3\n")
 
 
@@ -69,6 +69,29 @@ def test_reach_table_gives_the_hand_worked_rounds_gb_and_flops(tmp_path):
                         "FLOPs to 35 % | GB to 40 % (round) | FLOPs to 40 % |")
     assert lines[2] == "| FedDST | 4 GB | 2 | 2.100 (14) | 2.8e+10 | 2.400 (16) | 3.2e+10 | 2.700 (18) | 3.6e+10 |"
     assert lines[3] == f"| PFFDST | 4 GB | 1 | 0.050 (1) | 1e+09 | {NOT_REACHED} | {NOT_REACHED} | {NOT_REACHED} | {NOT_REACHED} |"
+
+
+def test_a_variant_beside_its_base_run_keeps_its_own_row_and_budgets_make_a_plot(tmp_path):
+    """--from-export DIR twice: the KnownMaskSparse variant's FedDST (same method, same preset) stays apart from
+    the base run, named by its experiment; runs at two budgets give the accuracy-against-budget plot."""
+    base = [record("feddst", 0, [0.2, 0.4], 1.0, 1e9), record("pffdst", 0, [0.3, 0.3], 1.0, 1e9)]
+    variant = [record("feddst", 0, [0.1, 0.5], 0.9, 1e9, run_id="fedcba9876543210",
+                      experiment="table1_4gb_known_mask")]
+    larger = [record(algorithm, seed, [0.3, 0.45 + 0.01 * seed], 2.0, 1e9, run_id=f"{algorithm}{seed}abcdef",
+                     experiment="table1_8gb", presets="table1_8gb") for algorithm in ("feddst", "pffdst")
+              for seed in (0, 1)]
+    for name, records in [("base", base), ("variant", variant), ("larger", larger)]:
+        results_export.write(records, tmp_path / name)
+    groups = collect([r for name in ("base", "variant", "larger") for r in results_export.read(tmp_path / name)])
+    assert set(groups) == {("feddst", "4gb · table1_4gb"), ("feddst", "4gb · table1_4gb_known_mask"),
+                           ("pffdst", "4gb"), ("feddst", "8gb"), ("pffdst", "8gb")}
+    table = markdown_table(groups)
+    assert "| FedDST | 4 GB · table1_4gb_known_mask | 1 | " in table and "| PFFDST | 8 GB | 2 | " in table
+    assert "| 50.00 |" in table.splitlines()[3]  # the variant's best test accuracy, not averaged with the base's
+    # Only PFFDST has two plain budget columns (FedDST's 4 GB runs are split by experiment), so the plot shows it.
+    path = budget_plot(groups, tmp_path)
+    assert path == tmp_path / "accuracy_vs_budget.png" and path.stat().st_size > 10_000
+    assert budget_plot({key: runs for key, runs in groups.items() if key[1] != "8gb"}, tmp_path / "none") is None
 
 
 def test_report_from_the_export_equals_the_report_from_mlflow(tmp_path, monkeypatch, capsys):
