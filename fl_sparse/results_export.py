@@ -128,8 +128,17 @@ def csv_text(record: RunRecord) -> str:
 
 
 def write(records: list[RunRecord], out: Path) -> list[Path]:
-    """Write each record as ``<name>.csv``, ``.gin`` and ``.json`` into ``out``; returns the paths."""
+    """Write each record as ``<name>.csv``, ``.gin`` and ``.json`` into ``out``; returns the paths.
+
+    A run exported earlier under another name (it got a run-id suffix when a later run of the same method and
+    seed joined the experiment) loses its old files, so that no run is ever read twice."""
     out.mkdir(parents=True, exist_ok=True)
+    names = {record.info["run_id"]: record.name for record in records}
+    for meta in out.glob("*.json"):
+        run_id = json.loads(meta.read_text()).get("run_id")
+        if run_id in names and meta.stem != names[run_id]:
+            for suffix in (".csv", ".gin", ".json"):
+                meta.with_suffix(suffix).unlink(missing_ok=True)
     written = []
     for record in records:
         files = {".csv": csv_text(record), ".gin": record.config,
@@ -168,6 +177,10 @@ def read(directory: Path) -> list[RunRecord]:
                     metrics[key][step] = float(cell)
         gin_file = meta.with_suffix(".gin")
         config = gin_file.read_text() if gin_file.is_file() else ""
+        twice = next((r.name for r in records if r.info.get("run_id") == info.get("run_id")), None)
+        if twice is not None:
+            raise ConfigError(f"{directory}: run {info.get('run_id')} is exported twice ({twice}.json and "
+                              f"{meta.name}); delete the older files or export the experiment again")
         records.append(RunRecord(meta.stem, info, metrics, logged_ms, config))
     if not records:
         raise ConfigError(f"--from-export {directory}: no run exports (*.json) in that directory")

@@ -9,6 +9,7 @@ import pytest
 
 from fl_sparse import results_export
 from fl_sparse.cli import main
+from fl_sparse.errors import ConfigError
 from fl_sparse.report import budget_plot, collect, markdown_table
 from fl_sparse.report_reach import NOT_REACHED, first_reach, reach_table
 from fl_sparse.results_export import RunRecord
@@ -18,13 +19,13 @@ FAST = ["--bind", "Experiment.local_epochs=1", "--bind", "Experiment.num_clients
 
 
 def record(algorithm: str, seed: int, test: list[float], gb_per_round: float, flops_per_round: float,
-           run_id: str = "0123456789abcdef", experiment: str = "table1_4gb", presets: str = "table1_4gb") -> RunRecord:
+           run_id: str | None = None, experiment: str = "table1_4gb", presets: str = "table1_4gb") -> RunRecord:
     rounds = range(1, len(test) + 1)
     metrics = {"test_accuracy": dict(zip(rounds, test)),
                "local_accuracy": {r: 0.0 for r in rounds},  # the reach table must follow test accuracy
                "cumulative_gb": {r: gb_per_round * r for r in rounds},
                "cumulative_flops": {r: flops_per_round * r for r in rounds}}
-    info = {"format": results_export.FORMAT_VERSION, "run_id": run_id, "algorithm": algorithm,
+    info = {"format": results_export.FORMAT_VERSION, "run_id": run_id or f"{algorithm}{seed}0123456789", "algorithm": algorithm,
             "presets": presets, "experiment": experiment, "seed": str(seed), "start_ms": 1_000, "params": {"Experiment.rounds": str(len(test))}}
     return RunRecord(f"{algorithm}_s{seed}", info, metrics, {r: 1_000 + 500 * r for r in rounds}, "Experiment.rounds = 3\n")
 
@@ -69,6 +70,22 @@ def test_reach_table_gives_the_hand_worked_rounds_gb_and_flops(tmp_path):
                         "FLOPs to 35 % | GB to 40 % (round) | FLOPs to 40 % |")
     assert lines[2] == "| FedDST | 4 GB | 2 | 2.100 (14) | 2.8e+10 | 2.400 (16) | 3.2e+10 | 2.700 (18) | 3.6e+10 |"
     assert lines[3] == f"| PFFDST | 4 GB | 1 | 0.050 (1) | 1e+09 | {NOT_REACHED} | {NOT_REACHED} | {NOT_REACHED} | {NOT_REACHED} |"
+
+
+def test_a_run_renamed_by_a_later_collision_leaves_no_stale_files(tmp_path):
+    """seed 0 is exported as pffdst_s0; a second seed-0 run joins the experiment, so both get run-id suffixes.
+    Exporting again must not leave pffdst_s0.* behind, and reading a directory holding one run twice fails."""
+    first = record("pffdst", 0, [0.2, 0.3], 1.0, 1e9, run_id="aaaaaaaa11111111")
+    results_export.write([first], tmp_path)
+    stale = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    second = record("pffdst", 0, [0.1, 0.4], 1.0, 1e9, run_id="bbbbbbbb22222222")
+    results_export.write(results_export._unique_names([first, second]), tmp_path)
+    assert sorted(p.stem for p in tmp_path.glob("*.json")) == ["pffdst_s0_aaaaaaaa", "pffdst_s0_bbbbbbbb"]
+    assert len(results_export.read(tmp_path)) == 2
+    for name, data in stale.items():  # an export from an older fl-sparse, which left the stale files
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(ConfigError, match="run aaaaaaaa11111111 is exported twice"):
+        results_export.read(tmp_path)
 
 
 def test_a_variant_beside_its_base_run_keeps_its_own_row_and_budgets_make_a_plot(tmp_path):

@@ -22,9 +22,9 @@ case "$variant" in
         case "$algo" in pffdst|pffdst_wo_smr) extra=(--bind "FreezeAware.inner = @KnownMaskSparse()") ;;
                         *) extra=(--bind "Experiment.uplink_codec = @KnownMaskSparse()") ;; esac
         extra+=(--bind "Experiment.budget_gb = ${KMS_BUDGET_GB:-None}") ;;
-  +refstart) experiment=table1_${budget}_reference; extra=("${refstart[@]}") ;;
-  +refsched) experiment=table1_${budget}_reference; extra=("${refsched[@]}") ;;
-  +refboth) experiment=table1_${budget}_reference; extra=("${refstart[@]}" "${refsched[@]}") ;;
+  +refstart) experiment=table1_${budget}_reference_start; extra=("${refstart[@]}") ;;
+  +refsched) experiment=table1_${budget}_reference_schedule; extra=("${refsched[@]}") ;;
+  +refboth) experiment=table1_${budget}_reference_both; extra=("${refstart[@]}" "${refsched[@]}") ;;
   +tiebreak) experiment=table1_${budget}_tie_break; extra=(--bind "ClientReadjust.random_tie_break = True") ;;
   "") ;;
   *) echo "unknown variant $variant" >&2; exit 2 ;;
