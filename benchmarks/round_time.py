@@ -259,8 +259,9 @@ def _measure_interleaved(args, executors: list[str]) -> tuple[dict, list[dict]]:
         row["vs_plain_b32"] = statistics.median(row["vs_plain_b32_each"])
         row["vs_plain_b640"] = statistics.median(rep["samples_per_s"] / p["plain_b640_samples_per_s"]
                                                  for rep, p in zip(reps, plains))
-        if sequential is not None:  # Sequential's seconds per round over this executor's, per repetition
-            row["speedup"] = statistics.median(s["median_s"] / rep["median_s"] for s, rep in zip(runs[sequential], reps))
+        if sequential is not None and sequential != i:  # Sequential's s/round over this one's, per repetition
+            row["speedup"] = statistics.median(s["median_s"] / rep["median_s"]
+                                               for s, rep in zip(runs[sequential], reps))
         rows.append(row)
     return plain, rows
 
@@ -323,9 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        sequential = next((q for q in rows if q["algorithm"] == r["algorithm"] and q["executor"] == "sequential"),
-                          None)
-        speedup = f"{r['speedup']:.2f}x" if r is not sequential and sequential is not None else ""
+        speedup = f"{r['speedup']:.2f}x" if "speedup" in r else ""
         gpu = f"{r['peak_gpu_mb']:11.0f}" if r["peak_gpu_mb"] is not None else f"{'-':>11}"
         print(f"{r['algorithm']:<10} {r['executor']:<11} {r['median_s']:8.3f} {min(r['seconds']):7.3f} "
               f"{max(r['seconds']):7.3f} {r['warmup_s']:8.2f} {r['samples_per_s']:10.0f} "

@@ -72,10 +72,11 @@ def summarize(history: dict[str, list[tuple[int, float]]]) -> dict:
 def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
     """Runs with evaluations as {(algorithm, column): [per-seed summary]}, with full metric histories."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    keys = [(record.info["algorithm"], _column(record.info["presets"])) for record in records]
     experiments = defaultdict(set)  # (algorithm, column) -> the experiments its runs come from
-    for record in records:
-        experiments[(record.info["algorithm"], _column(record.info["presets"]))].add(record.info.get("experiment"))
-    for record in records:
+    for key, record in zip(keys, records):
+        experiments[key].add(record.info.get("experiment"))
+    for key, record in zip(keys, records):
         history = {key: record.history(key)
                    for key in ("test_accuracy", "local_accuracy", "cumulative_gb", "cumulative_flops")}
         if not history["test_accuracy"]:
@@ -85,7 +86,6 @@ def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
         planned = record.info["params"].get("Experiment.rounds", "")
         summary.update(run_id=record.info["run_id"], seed=str(record.info["seed"]),
                        planned=int(planned) if planned.isdigit() else None)
-        key = (record.info["algorithm"], _column(record.info["presets"]))
         if len(experiments[key]) > 1:  # a variant and its base run: one row each, named by the experiment
             key = (key[0], f"{key[1]} · {record.info.get('experiment')}")
         groups[key].append(summary)
@@ -190,28 +190,39 @@ def require_matplotlib() -> None:
         raise ConfigError(MATPLOTLIB_MISSING) from None
 
 
-def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
+def _figure():
+    """A fresh figure and axes of the report's size, drawn off-screen (Agg: no display on training hosts)."""
     require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
     written = []
     for x_key, label, name in [("cumulative_gb", "cumulative communication (GB, measured)", "accuracy_vs_gb.png"),
                                ("cumulative_flops", "cumulative training FLOPs", "accuracy_vs_flops.png")]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = _figure()
         for (algorithm, column), runs in _sorted_groups(groups):
             points = seed_mean_curve(runs, x_key)
             if points:
                 ax.plot(*zip(*points), label=f"{METHODS.get(algorithm, algorithm)} ({column}, {len(runs)} seeds)")
         ax.set_xlabel(label)
         ax.set_ylabel(f"local test accuracy (%), seed mean,\nmoving average of {TAIL} evaluations")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        written.append(out / name)
+        written.append(_save(fig, ax, out / name))
     return written
 
 
@@ -220,18 +231,13 @@ def budget_plot(groups: dict[tuple[str, str], list[dict]], out: Path) -> Path | 
     Table 1 budget column, one colour per method, with the paper's best as open markers. Written when some
     method has runs at two budgets or more; variants and other experiments are left out."""
     by_method: dict[str, list[tuple[int, list[dict]]]] = defaultdict(list)
-    for (algorithm, column), runs in _sorted_groups(groups):
-        if budget_gb(column) is not None:
-            by_method[algorithm].append((budget_gb(column), runs))
-    by_method = {a: sorted(points, key=lambda p: p[0]) for a, points in by_method.items() if len(points) > 1}
+    for (algorithm, column), runs in _sorted_groups(groups):  # budgets in increasing order
+        if (gb := budget_gb(column)) is not None:
+            by_method[algorithm].append((gb, runs))
+    by_method = {a: points for a, points in by_method.items() if len(points) > 1}
     if not by_method:
         return None
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure()
     for index, (algorithm, points) in enumerate(by_method.items()):
         color, name = f"C{index}", METHODS.get(algorithm, algorithm)
         budgets = [gb for gb, _ in points]
@@ -241,20 +247,13 @@ def budget_plot(groups: dict[tuple[str, str], list[dict]], out: Path) -> Path | 
             ax.errorbar(budgets, [statistics.mean(v) for v in values], fmt=style, color=color, capsize=3,
                         yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
                         label=f"{name}, {label} (seeds: {', '.join(str(len(v)) for v in values)})")
-        paper = [(gb, PAPER_TABLE1[algorithm][f"{gb}gb"]) for gb in (4, 8, 12, 16)
-                 if f"{gb}gb" in PAPER_TABLE1.get(algorithm, {})]
+        paper = [(budget_gb(column), best) for column, best in PAPER_TABLE1.get(algorithm, {}).items()]
         if paper:
             ax.plot(*zip(*paper), "D", mfc="none", color=color, label=f"{name}, paper (best, local acc.)")
     ax.set_xlabel("Table 1 budget column (GB, the paper's label)")
     ax.set_ylabel("test accuracy (%), seed mean ± std")
     ax.set_xticks(sorted({gb for points in by_method.values() for gb, _ in points} | {4, 8, 12, 16}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "accuracy_vs_budget.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, out / "accuracy_vs_budget.png")
 
 
 def write_report(records: list[RunRecord], out: Path, reach_thresholds: tuple[float, ...] | None = None) -> list[Path]:

@@ -155,7 +155,7 @@ def read(directory: Path) -> list[RunRecord]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"--from-export {directory}: no such directory; write one with fl-sparse export")
-    records = []
+    records, seen = [], {}  # seen: run id -> the file stem it was read from
     for meta in sorted(directory.glob("*.json")):
         info = json.loads(meta.read_text())
         table = meta.with_suffix(".csv")
@@ -177,10 +177,10 @@ def read(directory: Path) -> list[RunRecord]:
                     metrics[key][step] = float(cell)
         gin_file = meta.with_suffix(".gin")
         config = gin_file.read_text() if gin_file.is_file() else ""
-        twice = next((r.name for r in records if r.info.get("run_id") == info.get("run_id")), None)
-        if twice is not None:
-            raise ConfigError(f"{directory}: run {info.get('run_id')} is exported twice ({twice}.json and "
-                              f"{meta.name}); delete the older files or export the experiment again")
+        if info.get("run_id") in seen:
+            raise ConfigError(f"{directory}: run {info.get('run_id')} is exported twice ({seen[info.get('run_id')]}"
+                              f".json and {meta.name}); delete the older files or export the experiment again")
+        seen[info.get("run_id")] = meta.stem
         records.append(RunRecord(meta.stem, info, metrics, logged_ms, config))
     if not records:
         raise ConfigError(f"--from-export {directory}: no run exports (*.json) in that directory")

@@ -25,8 +25,9 @@ def record(algorithm: str, seed: int, test: list[float], gb_per_round: float, fl
                "local_accuracy": {r: 0.0 for r in rounds},  # the reach table must follow test accuracy
                "cumulative_gb": {r: gb_per_round * r for r in rounds},
                "cumulative_flops": {r: flops_per_round * r for r in rounds}}
-    info = {"format": results_export.FORMAT_VERSION, "run_id": run_id or f"{algorithm}{seed}0123456789", "algorithm": algorithm,
-            "presets": presets, "experiment": experiment, "seed": str(seed), "start_ms": 1_000, "params": {"Experiment.rounds": str(len(test))}}
+    info = {"format": results_export.FORMAT_VERSION, "run_id": run_id or f"{algorithm}{seed}0123456789",
+            "algorithm": algorithm, "presets": presets, "experiment": experiment, "seed": str(seed), "start_ms": 1_000,
+            "params": {"Experiment.rounds": str(len(test))}}
     return RunRecord(f"{algorithm}_s{seed}", info, metrics, {r: 1_000 + 500 * r for r in rounds}, "Experiment.rounds = 3\n")
 
 
