@@ -102,8 +102,6 @@ class LoopbackGrid(Grid):
 
 def flower_run(config: dict, num_nodes: int, faults: dict | None = None, out=None):
     """Run the ServerApp's ``main`` on a LoopbackGrid; (final checkpointed state, per-round metrics)."""
-    from fl_sparse import checkpoint
-
     config = {**config, "checkpoint-dir": str(out / "checkpoints"), "metrics-file": str(out / "metrics.jsonl")}
     serverapp.main(LoopbackGrid(config, num_nodes, faults), Context(1, 0, {}, RecordDict(), config))
     return read_results(out)

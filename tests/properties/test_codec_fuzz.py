@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import HypothesisException
 from hypothesis.extra import numpy as hnp
 
+from codec_helpers import bits
 from fl_sparse.errors import PayloadError
 from fl_sparse.interfaces import Link, Message, ModelSchema
 from fl_sparse.parts import payload_decoding
@@ -48,11 +49,6 @@ LAYOUT_CODECS = {"DenseF32": DenseF32, "SparseBitmask": SparseBitmask, "SparseIn
                  "AutoSparse": AutoSparse}
 DECODE_SECONDS = 2.0  # a decode of these few-hundred-byte payloads takes well under a millisecond
 ABSURD_PEAK_BYTES = 1 << 20  # numpy allocations (tracked by tracemalloc) while refusing an absurd header
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return tensor.contiguous().view(ints[tensor.element_size()])
 
 
 # ------------------------------------------------------------------------------------------- strategies

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from codec_helpers import bits
 from fl_sparse.interfaces import Link, Message
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices, expected_size
@@ -29,11 +30,6 @@ SPECIAL_BITS = [0x80000000, 0x00000001, 0x007FFFFF, 0x80000001, 0x7F800000, 0xFF
 float_bits = st.one_of(st.sampled_from(SPECIAL_BITS), st.integers(0, 2**32 - 1))
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
 names = st.text(min_size=0, max_size=6)
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return tensor.contiguous().view(ints[tensor.element_size()])
 
 
 def float32_from_bits(array: np.ndarray) -> torch.Tensor:

@@ -3,8 +3,6 @@ must leave frozen and masked-out coordinates bitwise alone, and FreezeAtStage's 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from codec_helpers import bits
 from fl_sparse.interfaces import Phase, RoundContext
 from fl_sparse.parts.freezing import FreezeAtStage
 from fl_sparse.parts.objectives import SGD
@@ -21,10 +20,6 @@ pytestmark = pytest.mark.property
 
 small_shape = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=4)
 finite = st.floats(-1e3, 1e3, width=32).filter(lambda x: x == 0.0 or abs(x) > 1e-30)  # no subnormal noise
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(torch.int32)
 
 
 @st.composite

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from codec_helpers import bits
 from fl_sparse.sparse import mask_ops
 from fl_sparse.sparse.budgets import ERK, Uniform
 
@@ -21,10 +22,6 @@ pytestmark = pytest.mark.property
 TIE_VALUES = [0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0, 3.0]
 values = st.one_of(st.sampled_from(TIE_VALUES), st.floats(width=32, allow_nan=False))
 small_shape = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5).filter(lambda s: math.prod(s) <= 160)
-
-
-def bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().view(torch.int32)
 
 
 @st.composite
