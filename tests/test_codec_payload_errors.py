@@ -12,11 +12,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from codec_helpers import (ALL_CODECS, FAST, UP, assert_bitwise_equal, container, f32, model_message, record,
-                           tiny_message)
 from fl_sparse.errors import ConfigError, PayloadError
 from fl_sparse.interfaces import Link, Message
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices, expected_size
+from codec_helpers import (ALL_CODECS, FAST, UP, assert_bitwise_equal, container, f32, model_message, record,
+                           tiny_message)
 
 
 # ------------------------------------------------------------------------------- malformed payloads

@@ -18,9 +18,9 @@ from fl_sparse.errors import PayloadError
 from fl_sparse.interfaces import Link, ModelSchema, TensorSpec
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.codecs import AutoSparse, FreezeAware, KnownMaskSparse
+from codec_helpers import (ALL_CODECS, as_received, assert_messages_equal, container, f32, frozen_link, model_message,
+                           record)
 from helpers import play, simulation
-from test_codecs import (ALL_CODECS, as_received, assert_messages_equal, container, f32, frozen_link, model_message,
-                         record)
 
 SCHEMA = ModelSchema.of(model_message(0.5).tensors)  # conv1.weight (6, 3, 5, 5), conv1.bias, bn1.*, fc.weight
 UP = Link("up", 0, {}, {}, 0, schema=SCHEMA)

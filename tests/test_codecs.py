@@ -13,12 +13,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from codec_helpers import (ALL_CODECS, FAST, LAYOUT_CODECS, UP, as_received, assert_bitwise_equal,
-                           assert_messages_equal, frozen_link, model_message, tiny_message)
 from fl_sparse.errors import ConfigError, PayloadError
 from fl_sparse.interfaces import Link, Message
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices, expected_size
+from codec_helpers import (ALL_CODECS, FAST, LAYOUT_CODECS, UP, as_received, assert_bitwise_equal,
+                           assert_messages_equal, frozen_link, model_message, tiny_message)
 
 
 # ---------------------------------------------------------------------------------------- roundtrip

@@ -32,12 +32,12 @@ from hypothesis import strategies as st
 from hypothesis.errors import HypothesisException
 from hypothesis.extra import numpy as hnp
 
-from codec_helpers import bits
 from fl_sparse.errors import PayloadError
 from fl_sparse.interfaces import Link, Message, ModelSchema
 from fl_sparse.parts import payload_decoding
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices
+from codec_helpers import bits
 
 pytestmark = pytest.mark.property
 

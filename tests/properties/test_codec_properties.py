@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from codec_helpers import bits
 from fl_sparse.interfaces import Link, Message
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices, expected_size
+from codec_helpers import bits
 
 pytestmark = pytest.mark.property
 

@@ -10,11 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from codec_helpers import bits
 from fl_sparse.interfaces import Phase, RoundContext
 from fl_sparse.parts.freezing import FreezeAtStage
 from fl_sparse.parts.objectives import SGD
 from fl_sparse.sparse import mask_ops
+from codec_helpers import bits
 
 pytestmark = pytest.mark.property
 

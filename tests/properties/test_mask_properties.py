@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from codec_helpers import bits
 from fl_sparse.sparse import mask_ops
 from fl_sparse.sparse.budgets import ERK, Uniform
+from codec_helpers import bits
 
 pytestmark = pytest.mark.property
 
