@@ -1,11 +1,16 @@
-"""Small builders shared by the tests: tiny, fast experiments on the embedded data."""
+"""Small builders shared by the tests: tiny, fast experiments on the embedded data, and the repository's scripts
+(benchmarks/, tools/) loaded as modules."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 from fl_sparse import configs
 from fl_sparse.engine import Simulation
 from fl_sparse.experiment import Experiment
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["Experiment.num_clients = 10", "Experiment.clients_per_round = 3", "Experiment.local_epochs = 1",
         "Experiment.eval_every = 1000"]
 
@@ -22,3 +27,12 @@ def play(sim: Simulation, rounds: int | None = None):
         before = state
         state, metrics = sim.play_round(state)
         yield before, state, metrics
+
+
+def load_script(relative_path: str):
+    """A script of this repository that is not part of the package (e.g. ``tools/kernels_down.py``), as a module."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,13 @@
 """The round-time benchmark runs end to end and prints its table with the vectorized/sequential ratio."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def round_time():
-    spec = importlib.util.spec_from_file_location("round_time", ROOT / "benchmarks" / "round_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/round_time.py")
 
 
 def test_quick_benchmark_prints_the_table_with_the_ratio(round_time, capsys):

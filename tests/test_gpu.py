@@ -4,7 +4,7 @@ Skipped where no GPU is present (the CI machine has none); run ``pytest tests/te
 import pytest
 import torch
 
-from helpers import simulation
+from helpers import load_script, simulation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,13 +44,7 @@ def test_sparsyfed_on_cuda_keeps_its_density():
 
 
 def test_benchmark_runs_on_cuda(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "round_time.py"
-    spec = importlib.util.spec_from_file_location("round_time", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--quick", "--device", "cuda", "--algorithms", "feddst", "--rounds", "1"])
+    round_time = load_script("benchmarks/round_time.py")
+    round_time.main(["--quick", "--device", "cuda", "--algorithms", "feddst", "--rounds", "1"])
     out = capsys.readouterr().out
     assert "device cuda" in out and "peak GPU MB" in out

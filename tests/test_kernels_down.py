@@ -1,12 +1,10 @@
 """tools/kernels_down.py decides from each library's verbose line whether forcing the kernels down took effect:
 on an Intel host all three name their kernels, on an AMD host MKL names none (the CI failure this guards)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_script
+
 MKL_AMD = ("MKL_VERBOSE oneMKL 2024.0 Update 2 Product build 20240605 for Intel(R) 64 architecture Intel(R) "
            "Architecture processors, Lnx 2.60GHz lp64 gnu_thread")  # as printed on an AMD EPYC, forced or not
 MKL_INTEL_512 = ("MKL_VERBOSE oneMKL 2024.0 Update 2 Product build 20240605 for Intel(R) 64 architecture Intel(R) "
@@ -19,32 +17,30 @@ ONEDNN_AVX2 = "onednn_verbose,v1,info,cpu,isa:Intel AVX2"
 
 @pytest.fixture(scope="module")
 def kernels_down():
-    spec = importlib.util.spec_from_file_location("kernels_down", ROOT / "tools" / "kernels_down.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/kernels_down.py")
 
 
 def test_intel_host_checks_all_three_libraries(kernels_down):
     host = {"aten": "AVX512", "onednn": ONEDNN_512, "mkl": MKL_INTEL_512}
     forced = {"aten": "AVX2", "onednn": ONEDNN_AVX2, "mkl": MKL_INTEL_AVX2}
     wanted = kernels_down.LEVEL_BELOW["AVX512"]
-    assert kernels_down.check(host, forced, wanted) == ([], [])
-    wrong, _ = kernels_down.check(host, {**forced, "mkl": MKL_INTEL_512}, wanted)  # MKL ignored the switch
+    assert kernels_down.check(host, forced, wanted) == ([], ["aten", "onednn", "mkl"], [])
+    wrong, _, _ = kernels_down.check(host, {**forced, "mkl": MKL_INTEL_512}, wanted)  # MKL ignored the switch
     assert len(wrong) == 1 and wrong[0].startswith("mkl reports")
 
 
 def test_amd_host_leaves_mkl_unverified_and_still_checks_aten_and_onednn(kernels_down):
     host = {"aten": "AVX512", "onednn": ONEDNN_512, "mkl": MKL_AMD}
     wanted = kernels_down.LEVEL_BELOW["AVX512"]
-    assert kernels_down.check(host, {"aten": "AVX2", "onednn": ONEDNN_AVX2, "mkl": MKL_AMD}, wanted) == ([], ["mkl"])
-    wrong, _ = kernels_down.check(host, {"aten": "AVX2", "onednn": ONEDNN_512, "mkl": MKL_AMD}, wanted)
+    forced = {"aten": "AVX2", "onednn": ONEDNN_AVX2, "mkl": MKL_AMD}
+    assert kernels_down.check(host, forced, wanted) == ([], ["aten", "onednn"], ["mkl"])
+    wrong, _, _ = kernels_down.check(host, {"aten": "AVX2", "onednn": ONEDNN_512, "mkl": MKL_AMD}, wanted)
     assert [w.split()[0] for w in wrong] == ["onednn"]
 
 
 def test_a_library_this_torch_does_not_use_is_skipped(kernels_down):
     host = {"aten": "AVX2", "onednn": "", "mkl": ""}
     wanted = kernels_down.LEVEL_BELOW["AVX2"]
-    assert kernels_down.check(host, {"aten": "DEFAULT", "onednn": "", "mkl": ""}, wanted) == ([], [])
-    wrong, _ = kernels_down.check(host, {"aten": "AVX2", "onednn": "", "mkl": ""}, wanted)
+    assert kernels_down.check(host, {"aten": "DEFAULT", "onednn": "", "mkl": ""}, wanted) == ([], ["aten"], [])
+    wrong, _, _ = kernels_down.check(host, {"aten": "AVX2", "onednn": "", "mkl": ""}, wanted)
     assert [w.split()[0] for w in wrong] == ["aten"]

@@ -52,16 +52,19 @@ def probe(env: dict[str, str]) -> dict[str, str]:
             "mkl": first("MKL_VERBOSE oneMKL") or first("MKL_VERBOSE Intel")}
 
 
+NAMES = {"aten": "ATen", "onednn": "oneDNN", "mkl": "MKL"}
 #: How each library's verbose line names the kernels it dispatches to. MKL's "(Intel(R) AVX2)" appears only on
 #: Intel CPUs ("... Intel(R) Architecture processors" elsewhere).
 NAMES_ISA = {"aten": re.compile(r"."), "onednn": re.compile(r"isa:"), "mkl": re.compile(r"\(Intel\(R\) [^)]+\)")}
 
 
-def check(host: dict[str, str], forced: dict[str, str], wanted: dict[str, str]) -> tuple[list[str], list[str]]:
-    """(what did not take the forced level, libraries whose level this host cannot show).
+def check(host: dict[str, str], forced: dict[str, str],
+          wanted: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """(what did not take the forced level, libraries that showed they took it, libraries whose level this host
+    cannot show).
 
     A library this torch does not use (no verbose line on the host) has nothing to check; ATen always has one."""
-    wrong, unverifiable = [], []
+    wrong, verified, unverifiable = [], [], []
     for lib in ("aten", "onednn", "mkl"):
         if not host[lib] and lib != "aten":
             continue
@@ -69,7 +72,9 @@ def check(host: dict[str, str], forced: dict[str, str], wanted: dict[str, str]) 
             unverifiable.append(lib)
         elif wanted[lib] not in forced[lib]:
             wrong.append(f"{lib} reports {forced[lib]!r}, wanted {wanted[lib]!r}")
-    return wrong, unverifiable
+        else:
+            verified.append(lib)
+    return wrong, verified, unverifiable
 
 
 def main(pytest_args: list[str]) -> int:
@@ -81,15 +86,13 @@ def main(pytest_args: list[str]) -> int:
     level = LEVEL_BELOW[host["aten"]]
     forced_env = {**host_env, **level["env"]}
     forced = probe(forced_env)
-    wrong, unverifiable = check(host, forced, level)
+    wrong, verified, unverifiable = check(host, forced, level)
     if wrong:
         print("kernels-down: forcing the kernels down did not take effect: " + "; ".join(wrong), file=sys.stderr)
         return 1
-    verified = " and ".join(name for name in ("ATen", "oneDNN", "MKL")
-                            if name.lower() not in unverifiable and (host[name.lower()] or name == "ATen"))
     settings = " ".join(f"{k}={v}" for k, v in level["env"].items())
-    print(f"kernels-down: host {host['aten']} -> forced {level['aten']} ({settings}; {verified} report it)",
-          flush=True)
+    print(f"kernels-down: host {host['aten']} -> forced {level['aten']} ({settings}; "
+          f"{' and '.join(NAMES[lib] for lib in verified)} report it)", flush=True)
     for lib in unverifiable:
         print(f"kernels-down: {lib} names no kernels on this CPU ({host[lib]!r}): its switch is set, unverified",
               flush=True)

@@ -37,11 +37,10 @@ from fl_sparse.interfaces import Link, Message, ModelSchema
 from fl_sparse.parts import payload_decoding
 from fl_sparse.parts import payload_format as fmt
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices
-from codec_helpers import bits
+from codec_helpers import UP, bits
 
 pytestmark = pytest.mark.property
 
-UP = Link(direction="up", client_id=0, frozen={}, frozen_values={}, freeze_version=0)
 FREEZE_VERSION = 3
 CASES = ["DenseF32", "SparseBitmask", "SparseIndices", "AutoSparse", "FreezeAware", "FreezeAware+frozen-up",
          "FreezeAware+frozen-down"]

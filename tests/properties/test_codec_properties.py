@@ -16,13 +16,11 @@ from hypothesis.extra import numpy as hnp
 
 from fl_sparse.interfaces import Link, Message
 from fl_sparse.parts import payload_format as fmt
-from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices, expected_size
-from codec_helpers import bits
+from fl_sparse.parts.codecs import AutoSparse, FreezeAware, SparseIndices, expected_size
+from codec_helpers import LAYOUT_CODECS, UP, bits
 
 pytestmark = pytest.mark.property
 
-UP = Link(direction="up", client_id=0, frozen={}, frozen_values={}, freeze_version=0)
-LAYOUTS = {"dense": DenseF32, "bitmask": SparseBitmask, "indices": SparseIndices, "auto": AutoSparse}
 SPARSE_LAYOUTS = ("bitmask", "indices", "auto")
 # -0.0, smallest / largest subnormal, +-inf, quiet NaN with payload, negative NaN, signalling NaN, max, 1.0, +0.0
 SPECIAL_BITS = [0x80000000, 0x00000001, 0x007FFFFF, 0x80000001, 0x7F800000, 0xFF800000, 0x7FC00001,
@@ -96,23 +94,23 @@ def nested(draw, message: Message) -> Message:
 @given(message=messages())
 def test_every_layout_codec_roundtrips_bitwise(message):
     expected = as_received(message)
-    for codec in [cls() for cls in LAYOUTS.values()] + [FreezeAware(), FreezeAware(SparseIndices())]:
+    for codec in [cls() for cls in LAYOUT_CODECS.values()] + [FreezeAware(), FreezeAware(SparseIndices())]:
         assert_bitwise_equal_messages(codec.decode(codec.encode(message, UP), UP), expected)
 
 
 @given(message=messages(), data=st.data(), direction=st.sampled_from(["up", "down"]),
-       inner=st.sampled_from(sorted(LAYOUTS)), version=st.integers(1, 2**32 - 1))
+       inner=st.sampled_from(sorted(LAYOUT_CODECS)), version=st.integers(1, 2**32 - 1))
 def test_freeze_aware_roundtrips_bitwise_with_and_without_the_frozen_part(message, data, direction, inner, version):
     frozen = frozen_subsets(data.draw, message)
     link = Link(direction, 9, frozen, dict(message.tensors), version)
-    codec = FreezeAware(LAYOUTS[inner]())
+    codec = FreezeAware(LAYOUT_CODECS[inner]())
     expected = as_received(message)
     for _ in range(2):  # downlink: first payload carries the frozen part, the second relies on the link
         payload = codec.encode(message, link)
         assert_bitwise_equal_messages(codec.decode(payload, link), expected)
     if direction == "down" and frozen:  # the first payload alone restores the frozen values
         blank = {name: torch.full_like(t, 7) for name, t in message.tensors.items()}
-        fresh = FreezeAware(LAYOUTS[inner]())
+        fresh = FreezeAware(LAYOUT_CODECS[inner]())
         assert_bitwise_equal_messages(fresh.decode(fresh.encode(message, link), Link("down", 9, frozen, blank, version)),
                                       expected)
 
@@ -121,16 +119,16 @@ def test_freeze_aware_roundtrips_bitwise_with_and_without_the_frozen_part(messag
 
 @given(message=messages(), dtype=st.sampled_from(["float32", "float16", "bfloat16"]))
 def test_payload_length_equals_the_closed_form(message, dtype):
-    for layout, cls in LAYOUTS.items():
+    for layout, cls in LAYOUT_CODECS.items():
         codec = cls(dtype=dtype)
         assert len(codec.encode(message, UP)) == codec.closed_form_size(message) == expected_size(message, layout, dtype)
 
 
 @given(message=messages(), data=st.data(), direction=st.sampled_from(["up", "down"]),
-       inner=st.sampled_from(sorted(LAYOUTS)))
+       inner=st.sampled_from(sorted(LAYOUT_CODECS)))
 def test_freeze_aware_length_equals_its_closed_form(message, data, direction, inner):
     link = Link(direction, 4, frozen_subsets(data.draw, message), dict(message.tensors), 3)
-    codec = FreezeAware(LAYOUTS[inner]())
+    codec = FreezeAware(LAYOUT_CODECS[inner]())
     for _ in range(2):
         size = codec.closed_form_size(message, link)  # before encoding: encoding records the delivery
         assert len(codec.encode(message, link)) == size
@@ -144,10 +142,10 @@ def record_sizes(message: Message, cls) -> list[int]:
 @given(message=messages())
 def test_auto_picks_the_smallest_layout_for_every_tensor(message):
     auto = len(AutoSparse().encode(message, UP))
-    per_layout = {layout: record_sizes(message, cls) for layout, cls in LAYOUTS.items()}
+    per_layout = {layout: record_sizes(message, cls) for layout, cls in LAYOUT_CODECS.items()}
     best = fmt.CONTAINER_HEADER.size + sum(min(sizes) for sizes in zip(*per_layout.values()))
     assert auto == best
-    for layout, cls in LAYOUTS.items():
+    for layout, cls in LAYOUT_CODECS.items():
         assert auto <= len(cls().encode(message, UP)), layout
 
 
@@ -155,7 +153,7 @@ def test_auto_picks_the_smallest_layout_for_every_tensor(message):
 def test_bytes_never_grow_when_density_falls(message, data):
     sparser = nested(data.draw, message)
     sparsest = nested(data.draw, sparser)
-    for layout, cls in LAYOUTS.items():
+    for layout, cls in LAYOUT_CODECS.items():
         sizes = [len(cls().encode(m, UP)) for m in (message, sparser, sparsest)]
         assert sizes[0] >= sizes[1] >= sizes[2], layout
         if layout == "dense":
@@ -166,16 +164,16 @@ def test_bytes_never_grow_when_density_falls(message, data):
     assert sizes[0] >= sizes[1] >= sizes[2]
 
 
-@given(message=messages(extra_dtypes=False), data=st.data(), inner=st.sampled_from(sorted(LAYOUTS)))
+@given(message=messages(extra_dtypes=False), data=st.data(), inner=st.sampled_from(sorted(LAYOUT_CODECS)))
 def test_freeze_aware_stage_two_payload_is_not_larger_than_without_freezing(message, data, inner):
     """Stage 2: what is sent after the frozen part was delivered (every uplink, and each later downlink).
     It is the inner payload of the unfrozen coordinates plus a fixed frame; freezing F_t values of a tensor
     saves at least F_t * 4 - 8 bytes with a sparse inner codec (AutoSparse may switch from dense + bitmask to
     bitmask, which costs the 8-byte value count), so as soon as that exceeds the frame, freezing pays."""
     frozen = frozen_subsets(data.draw, message)
-    no_freeze = len(LAYOUTS[inner]().encode(message, UP))
+    no_freeze = len(LAYOUT_CODECS[inner]().encode(message, UP))
     for direction in ("up", "down"):
-        codec = FreezeAware(LAYOUTS[inner]())
+        codec = FreezeAware(LAYOUT_CODECS[inner]())
         link = Link(direction, 2, frozen, dict(message.tensors), 1)
         first = codec.encode(message, link)
         stage_two = len(codec.encode(message, link))
