@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-kernels-down test-slow fuzz clean
+.PHONY: install demo test lint test-kernels-down test-slow fuzz clean
 
 $(BIN)/fl-sparse: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# The package's layers and import rules (pyproject.toml [tool.importlinter], docs/design.md "Layers") and ruff.
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check fl_sparse tests tools benchmarks
 
 # The kernels-marked tests again, with the CPU kernels forced one ISA level below the host's (see the script).
 test-kernels-down: install

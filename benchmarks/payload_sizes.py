@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from fl_sparse import configs
-from fl_sparse.engine import Simulation
-from fl_sparse.experiment import Experiment
-from fl_sparse.interfaces import Link, Message
+from fl_sparse.config.compose import compose
+from fl_sparse.core.interfaces import Link, Message
+from fl_sparse.engine.server import RoundServer
 
 
 def measure(algorithm: str, bindings: list[str], rounds: int, data_dir: str | None, sparsity: float):
@@ -24,8 +23,7 @@ def measure(algorithm: str, bindings: list[str], rounds: int, data_dir: str | No
              "Experiment.eval_every = 100000"]
     if data_dir:
         extra.append(f"DATA_DIR = {data_dir!r}")
-    configs.parse(algorithm, ["cifar10_lenet"], extra + bindings)
-    sim = Simulation(Experiment())
+    sim = RoundServer(compose(algorithm, ["cifar10_lenet"], extra + bindings).experiment)
     state = sim.initial_state()
     for _ in range(rounds):
         link = Link("up", 0, state.frozen, state.weights, state.freeze_version)

@@ -1,6 +1,6 @@
 """Bytes RayExecutor moves per round, next to the codec bytes the engine counts.
 
-    python benchmarks/ray_wire_bytes.py --data-dir /work/data [--algorithm feddst] [--workers 2] [--bind ...]
+    python benchmarks/ray_wire_bytes.py --data-dir DATA_DIR [--algorithm feddst] [--workers 2] [--bind ...]
 
 Builds the run as ``fl-sparse run ALGO cifar10_lenet`` would, plays ``--rounds`` rounds with Sequential while
 recording each round's client tasks and results, and serialises what RayExecutor sends with pickle protocol 5
@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import pickle
 
-from fl_sparse import configs
-from fl_sparse.engine import Simulation
-from fl_sparse.experiment import Experiment
-from fl_sparse.parts.executors import Sequential
-from fl_sparse.parts.ray_executor import _job_for_store, _tasks_on, split
+from fl_sparse.config.compose import compose
+from fl_sparse.engine.server import RoundServer
+from fl_sparse.parts.executors.ray_executor import _job_for_store, _tasks_on, split
+from fl_sparse.parts.executors.sequential import Sequential
 
 
 def serialized_bytes(obj) -> int:
@@ -47,8 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     bindings = ["Experiment.eval_every = 100000"] + ([f"DATA_DIR = {args.data_dir!r}"] if args.data_dir else [])
     bindings += args.bind
-    configs.parse(args.algorithm, ["cifar10_lenet"], bindings)
-    sim = Simulation(Experiment())
+    sim = RoundServer(compose(args.algorithm, ["cifar10_lenet"], bindings).experiment)
     sim.experiment.executor = recorder = Recording()
     stored = _job_for_store(sim.job)
     job_bytes = serialized_bytes(stored[0]) + stored[1].nbytes + stored[2].nbytes

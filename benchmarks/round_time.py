@@ -7,7 +7,7 @@ workers of one thread each; Ray's start-up lands in the warm-up round). For Ray 
 worker process's peak RSS; the driver's is in the table.
 
 For each algorithm (FedAvg, FedDST, PFFDST by default) and executor, builds the run exactly as
-``fl-sparse run ALGO cifar10_lenet`` would (``configs.parse`` + ``Experiment()`` + ``Simulation``), plays
+``fl-sparse run ALGO cifar10_lenet`` would (``compose`` + ``RoundServer``), plays
 one untimed warm-up round, then times ``sim.play_round(state)`` for ``--rounds`` rounds and prints the
 median seconds per round, training samples per second (sampled clients' samples x local epochs / round
 time), the worker process's peak RSS and the speed-up over Sequential (``seq/this``: Sequential's seconds
@@ -17,7 +17,7 @@ configuration (with ``--quick`` all run in one process and peak RSS is the runni
 In the same run it measures plain PyTorch training of the preset's model (``nn.Module`` with stock
 ``torch.nn`` layers + ``torch.optim.SGD``, batch 32 and 640, in-memory normalised NCHW tensors; "vs plain
 b640" compares with its batch-640 rate), the same with this library's layers on channels-last tensors
-("tuned"), and ``fl_sparse.training.evaluate`` on the whole test set. Where clients fill their batches it
+("tuned"), and ``fl_sparse.training.client.evaluate`` on the whole test set. Where clients fill their batches it
 prints the batching bound: the tuned batch-640 throughput over Sequential's. That is what training the 20
 clients of a round together would gain if it ran as fast as one batch of 640, a reference for the
 vectorized/sequential ratio.
@@ -33,7 +33,7 @@ peak GPU memory; ``auto`` (the default) picks CUDA when present.
     .venv/bin/python benchmarks/round_time.py --data-dir /tmp/cifar_root      # the paper's LeNet setting
     .venv/bin/python benchmarks/round_time.py --quick                         # embedded subset, < 1 min
     .venv/bin/python benchmarks/round_time.py --model resnet18 --rounds 5     # ResNet-18 (cifar10_resnet18)
-    .venv/bin/python benchmarks/round_time.py --data-dir /work/data --model vit --algorithms feddst  # cifar10_vit
+    .venv/bin/python benchmarks/round_time.py --data-dir DATA_DIR --model vit --algorithms feddst   # cifar10_vit
     .venv/bin/python benchmarks/round_time.py --data-dir /tmp/cifar_root --device cuda --model resnet18
 
 Without ``--data-dir`` the embedded 2,000-image CIFAR-10 subset is used (5 training images per client at
@@ -97,12 +97,10 @@ def _bindings(args, executor: str | None = None) -> list[str]:
 
 
 def _simulation(args, algorithm: str, executor: str | None = None):
-    from fl_sparse import configs
-    from fl_sparse.engine import Simulation
-    from fl_sparse.experiment import Experiment
+    from fl_sparse.config.compose import compose
+    from fl_sparse.engine.server import RoundServer
 
-    configs.parse(algorithm, [PRESETS[args.model]], _bindings(args, executor))
-    return Simulation(Experiment())
+    return RoundServer(compose(algorithm, [PRESETS[args.model]], _bindings(args, executor)).experiment)
 
 
 def worker_rounds(args) -> dict:
@@ -144,6 +142,7 @@ def _with_stock_layers(model):
     """The model as plain PyTorch would run it: our exact-but-faster layers swapped back for their
     ``torch.nn`` originals (a subclass adding no state, so changing the class is the whole swap)."""
     import torch
+
     from fl_sparse.models.layers import BatchAsChannelsMaxPool2d
 
     for module in model.modules():
@@ -155,7 +154,7 @@ def _with_stock_layers(model):
 def worker_plain(args) -> dict:
     """Plain PyTorch training throughput of the preset's model, and ``evaluate`` on the full test set."""
     torch = _setup_torch(args.threads)
-    from fl_sparse.training import evaluate
+    from fl_sparse.training.client import evaluate
 
     sim = _simulation(args, "fedavg")
     data, device = sim.data, sim.device
@@ -164,7 +163,7 @@ def worker_plain(args) -> dict:
     y = data.train_y[:n]
     out = {"data": data.source}
     torch.manual_seed(0)
-    from fl_sparse.training import _model_input
+    from fl_sparse.training.client import _model_input
 
     tuned_x = _model_input(data, data.train_x[:n])  # channels-last, as the executors feed the model
     for variant, batch in (("plain", 32), ("plain", 640), ("tuned", 32), ("tuned", 640)):
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     executors = [variant for executor in args.executors
                  for variant in ([f"ray:{n}" for n in args.workers] if executor == "ray" else [executor])]
     plain, rows = _measure_interleaved(args, executors)
-    from fl_sparse.run_details import cpu_model  # the host_cpu tag of tracked runs
+    from fl_sparse.reporting.run_details import cpu_model  # the host_cpu tag of tracked runs
 
     repeated = f", medians of {args.repeats} interleaved repetitions" if args.repeats > 1 else ""
     print(f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs; python {platform.python_version()}")

@@ -8,9 +8,8 @@ import struct
 import torch
 from hypothesis import HealthCheck, settings
 
-from fl_sparse.interfaces import Link, Message
-from fl_sparse.parts.codecs import (AutoSparse, DenseF32, FreezeAware, KnownMaskSparse, SparseBitmask,
-                                    SparseIndices)
+from fl_sparse.core.interfaces import Link, Message
+from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, KnownMaskSparse, SparseBitmask, SparseIndices
 
 UP = Link(direction="up", client_id=0, frozen={}, frozen_values={}, freeze_version=0)
 LAYOUT_CODECS = {"dense": DenseF32, "bitmask": SparseBitmask, "indices": SparseIndices, "auto": AutoSparse}

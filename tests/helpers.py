@@ -6,21 +6,19 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from fl_sparse import configs
-from fl_sparse.engine import Simulation
-from fl_sparse.experiment import Experiment
+from fl_sparse.config.compose import compose
+from fl_sparse.engine.server import RoundServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["Experiment.num_clients = 10", "Experiment.clients_per_round = 3", "Experiment.local_epochs = 1",
         "Experiment.eval_every = 1000"]
 
 
-def simulation(algorithm: str, *bindings: str, rounds: int = 2, presets: tuple[str, ...] = ()) -> Simulation:
-    configs.parse(algorithm, list(presets), [f"ROUNDS = {rounds}", *TINY, *bindings])
-    return Simulation(Experiment())
+def simulation(algorithm: str, *bindings: str, rounds: int = 2, presets: tuple[str, ...] = ()) -> RoundServer:
+    return RoundServer(compose(algorithm, list(presets), [f"ROUNDS = {rounds}", *TINY, *bindings]).experiment)
 
 
-def play(sim: Simulation, rounds: int | None = None):
+def play(sim: RoundServer, rounds: int | None = None):
     """Play rounds one by one; yields (state_before, state_after, metrics)."""
     state = sim.initial_state()
     for _ in range(rounds or sim.experiment.rounds):

@@ -1,7 +1,6 @@
 """The round-time benchmark runs end to end and prints its table with the vectorized/sequential ratio."""
 
 import pytest
-
 from helpers import load_script
 
 
@@ -59,6 +58,7 @@ def test_repeats_interleave_the_baselines_with_the_rounds(round_time, capsys, mo
 @pytest.mark.kernels
 def test_plain_baseline_uses_stock_torch_layers(round_time):
     import torch
+
     from fl_sparse.models import LeNet
 
     ours = LeNet(10)

@@ -4,13 +4,14 @@ it stale fails; the Table 3 presets run on a generated CIFAR-100 stand-in in the
 
 import pytest
 import torch
-
-from fl_sparse import configs
-from fl_sparse.budget_rule import feddst_budget_gb, measure_feddst_bytes
-from fl_sparse.engine import Simulation
-from fl_sparse.errors import ConfigError
-from fl_sparse.experiment import Experiment
 from test_data import write_cifar100
+
+from fl_sparse.config import gin_files as configs
+from fl_sparse.config.budget import measure_feddst_bytes
+from fl_sparse.config.compose import compose
+from fl_sparse.core.errors import ConfigError
+from fl_sparse.engine.server import RoundServer
+from fl_sparse.parts.budget_rule import feddst_budget_gb
 
 # first column of each table -> (num_classes, the paper's column labels in GB)
 FIRST_COLUMNS = {"table1_4gb": (10, [4, 8, 12, 16]), "table2_s90_34gb": (10, [34, 68, 102, 136]),
@@ -28,8 +29,7 @@ def test_the_rule_is_feddsts_total_rounded_up_to_a_tenth_of_a_megabyte():
 
 
 def bound(preset, *bindings):
-    configs.parse("feddst", [preset], ["DATA_DIR = '/unused'", *bindings])
-    return Experiment()
+    return compose("feddst", [preset], ["DATA_DIR = '/unused'", *bindings]).experiment
 
 
 # Drawing ResNet-18's ERK mask takes ~2 s on an idle 2-core CPU (~10 s on a busy one): those four run with -m slow.
@@ -57,8 +57,7 @@ def test_columns_scale_rounds_and_budget(first):
     for k, gb in enumerate(labels, start=1):
         preset = f"{table}_{gb}gb"
         feddst = bound(preset)
-        configs.parse("pffdst", [preset], ["DATA_DIR = '/unused'"])
-        pffdst = Experiment()
+        pffdst = compose("pffdst", [preset], ["DATA_DIR = '/unused'"]).experiment
         assert (feddst.rounds, pffdst.rounds) == (200 * k, 350 * k), preset
         assert feddst.budget_gb == pffdst.budget_gb == feddst_budget_gb(200 * k, 1, per_round), preset
         # k times the first column, up to the rounding up to 0.1 MB (at most 1e-4 GB per column)
@@ -77,8 +76,7 @@ def test_resnet_presets_have_the_papers_setting(preset, sparsity):
 
 def test_table3_preset_reads_a_users_cifar100_copy(tmp_path):
     write_cifar100(tmp_path, n_train=400, n_test=100)  # train/test/meta pickles, b"fine_labels", b"coarse_labels"
-    configs.parse("pffdst", ["table3_s90_34gb"], [f"DATA_DIR = '{tmp_path}'"])
-    experiment = Experiment()
+    experiment = compose("pffdst", ["table3_s90_34gb"], [f"DATA_DIR = '{tmp_path}'"]).experiment
     data = experiment.dataset.load(experiment.num_clients, experiment.dirichlet_alpha, 0)
     assert data.num_classes == 100 and len(data.client_train) == 200
     assert sum(len(idx) for idx in data.client_train) == 400
@@ -88,9 +86,8 @@ def test_table3_preset_reads_a_users_cifar100_copy(tmp_path):
 @pytest.mark.slow  # ResNet-18 on the CPU: ~15 s idle, over a minute on a busy 2-core machine
 def test_table3_preset_runs_a_round_on_a_cifar100_stand_in(tmp_path):
     write_cifar100(tmp_path, n_train=400, n_test=100)
-    configs.parse("pffdst", ["table3_s95_17gb"], [f"DATA_DIR = '{tmp_path}'", "Experiment.clients_per_round = 2",
-                                                 "Experiment.local_epochs = 1"])
-    sim = Simulation(Experiment())
+    sim = RoundServer(compose("pffdst", ["table3_s95_17gb"], [f"DATA_DIR = '{tmp_path}'", "Experiment.clients_per_round = 2",
+                                                 "Experiment.local_epochs = 1"]).experiment)
     assert sim.data.num_classes == 100 and sim.data.source.startswith("CIFAR-100 from ")
     assert sim.model.linear.out_features == 100
     state, metrics = sim.play_round(sim.initial_state())

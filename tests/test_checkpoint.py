@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fl_sparse.cli import main
+from fl_sparse.cli.main import main
 
 COMMAND = [sys.executable, "-m", "fl_sparse.cli", "run", "pffdst", "--rounds", "8",
            "--bind", "TwoStage.readjust_every=1", "--bind", "Experiment.local_epochs=1",

@@ -7,7 +7,7 @@ import sys
 import mlflow
 import pytest
 
-from fl_sparse.cli import main
+from fl_sparse.cli.main import main
 
 FAST = ["--bind", "Experiment.local_epochs=1", "--bind", "Experiment.num_clients=10",
         "--bind", "Experiment.clients_per_round=2"]

@@ -9,15 +9,23 @@ import time
 
 import pytest
 import torch
+from codec_helpers import (
+    ALL_CODECS,
+    FAST,
+    UP,
+    assert_bitwise_equal,
+    container,
+    f32,
+    model_message,
+    record,
+    tiny_message,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fl_sparse.errors import ConfigError, PayloadError
-from fl_sparse.interfaces import Link, Message
+from fl_sparse.core.errors import ConfigError, PayloadError
+from fl_sparse.core.interfaces import Link, Message
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices, expected_size
-from codec_helpers import (ALL_CODECS, FAST, UP, assert_bitwise_equal, container, f32, model_message, record,
-                           tiny_message)
-
 
 # ------------------------------------------------------------------------------- malformed payloads
 

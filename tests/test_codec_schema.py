@@ -13,14 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fl_sparse.errors import PayloadError
-from fl_sparse.interfaces import Link, ModelSchema, TensorSpec
-from fl_sparse.parts import payload_format as fmt
-from fl_sparse.parts.codecs import AutoSparse, FreezeAware, KnownMaskSparse
-from codec_helpers import (ALL_CODECS, as_received, assert_messages_equal, container, f32, frozen_link, model_message,
-                           record)
+from codec_helpers import (
+    ALL_CODECS,
+    as_received,
+    assert_messages_equal,
+    container,
+    f32,
+    frozen_link,
+    model_message,
+    record,
+)
 from helpers import play, simulation
+
+from fl_sparse.core.errors import PayloadError
+from fl_sparse.core.interfaces import Link, ModelSchema, TensorSpec
+from fl_sparse.parts.codecs import AutoSparse, FreezeAware, KnownMaskSparse
+from fl_sparse.wire import layout as fmt
 
 SCHEMA = ModelSchema.of(model_message(0.5).tensors)  # conv1.weight (6, 3, 5, 5), conv1.bias, bn1.*, fc.weight
 UP = Link("up", 0, {}, {}, 0, schema=SCHEMA)
@@ -127,7 +135,7 @@ def test_the_engine_decodes_every_payload_against_the_global_models_schema():
 RSS_SCRIPT = r"""
 import dataclasses, resource, struct, sys
 import torch
-from fl_sparse.errors import PayloadError
+from fl_sparse.core.errors import PayloadError
 from fl_sparse.parts.codecs import AutoSparse, SparseIndices
 import test_codec_schema as t
 

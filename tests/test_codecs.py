@@ -10,16 +10,25 @@ import gin
 import numpy as np
 import pytest
 import torch
+from codec_helpers import (
+    ALL_CODECS,
+    FAST,
+    LAYOUT_CODECS,
+    UP,
+    as_received,
+    assert_bitwise_equal,
+    assert_messages_equal,
+    frozen_link,
+    model_message,
+    tiny_message,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fl_sparse.errors import ConfigError, PayloadError
-from fl_sparse.interfaces import Link, Message
-from fl_sparse.parts import payload_format as fmt
+from fl_sparse.core.errors import ConfigError, PayloadError
+from fl_sparse.core.interfaces import Link, Message
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices, expected_size
-from codec_helpers import (ALL_CODECS, FAST, LAYOUT_CODECS, UP, as_received, assert_bitwise_equal,
-                           assert_messages_equal, frozen_link, model_message, tiny_message)
-
+from fl_sparse.wire import layout as fmt
 
 # ---------------------------------------------------------------------------------------- roundtrip
 
@@ -180,12 +189,15 @@ def test_freeze_aware_downlink_delivers_the_frozen_part_once_per_client_and_vers
     codec = FreezeAware()
     link = frozen_link("down", 3, message)
     first = codec.encode(message, link)
+    assert codec.encode(message, link) == first  # encoding has no side effects: nothing was sent yet
+    codec.delivered(link)  # the sender hands the payload over
     second = codec.encode(message, link)
     assert len(first) > len(second)
     assert codec.closed_form_size(message, link) == len(second)
     other_client = frozen_link("down", 4, message)
     assert codec.closed_form_size(message, other_client) == len(first)
     assert len(codec.encode(message, other_client)) == len(first)
+    codec.delivered(other_client)
     for payload in (first, second):
         assert_messages_equal(codec.decode(payload, link), as_received(message))
     # The first payload carries the frozen values itself: a receiver without them still decodes it.
@@ -193,7 +205,9 @@ def test_freeze_aware_downlink_delivers_the_frozen_part_once_per_client_and_vers
     assert_messages_equal(codec.decode(first, Link("down", 3, link.frozen, blank, 1)), as_received(message))
     # A new frozen set (new version) is delivered again.
     newer = frozen_link("down", 3, message, version=2, seed=5)
-    assert len(codec.encode(message, newer)) > len(codec.encode(message, newer))
+    with_part = codec.encode(message, newer)
+    codec.delivered(newer)
+    assert len(with_part) > len(codec.encode(message, newer))
     assert codec.state_dict() == {"3": 2, "4": 1}
 
 
@@ -202,7 +216,9 @@ def test_freeze_aware_frozen_part_is_what_a_remote_receiver_keeps():
     from the first payload of a freeze version, and decodes the later ones with them alone."""
     message = model_message(0.4)
     codec, link = FreezeAware(), frozen_link("down", 3, message)
-    first, second = codec.encode(message, link), codec.encode(message, link)
+    first = codec.encode(message, link)
+    codec.delivered(link)
+    second = codec.encode(message, link)
     nothing = Link("down", 3, {}, {}, 1)
     part = codec.frozen_part(first, nothing)
     assert part.masks.keys() == link.frozen.keys()
@@ -231,6 +247,7 @@ def test_freeze_aware_roundtrip_property(seed, density, frozen_fraction, directi
         payload = codec.encode(message, link)
         assert len(payload) == size
         assert_messages_equal(codec.decode(payload, link), as_received(message))
+        codec.delivered(link)
 
 
 def test_freeze_aware_state_dict_roundtrips_through_json():
@@ -238,6 +255,7 @@ def test_freeze_aware_state_dict_roundtrips_through_json():
     codec = FreezeAware()
     link = frozen_link("down", 11, message)
     with_part = codec.encode(message, link)
+    codec.delivered(link)
     restored = FreezeAware()
     restored.load_state_dict(json.loads(json.dumps(codec.state_dict())))
     assert restored.state_dict() == {"11": 1}

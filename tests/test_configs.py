@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_sparse import configs
-from fl_sparse.experiment import Experiment
+from fl_sparse.config import gin_files as configs
+from fl_sparse.config.compose import compose
 
 ALGORITHMS = configs.available(configs.ALGORITHMS)
 PRESETS = configs.available(configs.REGISTRY)
@@ -23,34 +23,31 @@ def test_the_documented_algorithms_and_presets_ship():
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_algorithm_builds_with_every_preset(algorithm, preset):
-    configs.parse(algorithm, [preset], ["ROUNDS = 40", "PFFDST_ROUNDS = 40", "DATA_DIR = '/unused'"])
-    experiment = Experiment()  # builds every part and validates it; no data is loaded
+    # builds every part and validates it; no data is loaded. rounds=40 binds ROUNDS and PFFDST_ROUNDS alike
+    experiment = compose(algorithm, [preset], ["DATA_DIR = '/unused'"], rounds=40).experiment
     assert experiment.rounds == 40
 
 
 def test_lenet_preset_has_the_papers_setting():
-    configs.parse("pffdst", ["cifar10_lenet"], [])
-    experiment = Experiment()
+    experiment = compose("pffdst", ["cifar10_lenet"], []).experiment
     assert (experiment.num_clients, experiment.clients_per_round, experiment.dirichlet_alpha,
             experiment.batch_size, experiment.local_epochs) == (400, 20, 0.1, 32, 2)
     assert (experiment.optimizer.lr, experiment.optimizer.momentum, experiment.optimizer.weight_decay) == (0.01, 0.9, 1e-3)
     schedule = experiment.schedule
     assert (schedule.stage1_sparsity, schedule.stage2_sparsity, schedule.differential) == pytest.approx((0.9, 0.8, 0.05))
-    configs.parse("feddst", ["cifar10_resnet18"], [])
-    assert Experiment().num_clients == 200 and Experiment().local_epochs == 3
+    experiment = compose("feddst", ["cifar10_resnet18"], []).experiment
+    assert experiment.num_clients == 200 and experiment.local_epochs == 3
 
 
 def test_sparsity_macro_reaches_every_sparse_algorithm():
     for algorithm in ["random_mask", "feddst", "pffdst", "pffdst_wo_pf", "pffdst_wo_smr"]:
-        configs.parse(algorithm, [], ["SPARSITY = 0.9", "ROUNDS = 40"])
-        assert Experiment().schedule.phase(40).sparsity == pytest.approx(0.9), algorithm
+        assert compose(algorithm, [], ["SPARSITY = 0.9", "ROUNDS = 40"]).experiment.schedule.phase(40).sparsity == pytest.approx(0.9), algorithm
 
 
 def test_gin_files_can_be_given_by_path(tmp_path):
     custom = tmp_path / "mine.gin"
     custom.write_text("include 'fedavg.gin'\nSGD.lr = 0.05\n")
-    configs.parse(str(custom), [], [])
-    assert Experiment().optimizer.lr == 0.05
+    assert compose(str(custom), [], []).experiment.optimizer.lr == 0.05
 
 
 @pytest.mark.slow
@@ -68,19 +65,18 @@ def test_wheel_ships_the_gin_files(tmp_path):
 def test_table_presets_give_each_family_its_equal_budget_rounds():
     rounds = {}
     for algorithm in ["fedavgm", "fedprox", "feddst", "feddst_fedprox", "pffdst", "pffdst_wo_pf", "pffdst_wo_smr"]:
-        configs.parse(algorithm, ["table1_4gb"], ["DATA_DIR = '/unused'"])
-        experiment = Experiment()
+        experiment = compose(algorithm, ["table1_4gb"], ["DATA_DIR = '/unused'"]).experiment
         assert experiment.budget_gb == pytest.approx(5.7949)
         rounds[algorithm] = experiment.rounds
     # Freezing halves a round's payload, so only the freezing methods get PFFDST's 350 rounds.
     assert rounds["feddst"] == rounds["feddst_fedprox"] == rounds["pffdst_wo_pf"] == 200
     assert rounds["pffdst"] == rounds["pffdst_wo_smr"] == 350
-    configs.parse("pffdst", ["table1_16gb"], ["DATA_DIR = '/unused'"])
-    assert Experiment().rounds == 1400 and Experiment().budget_gb == pytest.approx(4 * 5.7949, abs=1e-3)
+    experiment = compose("pffdst", ["table1_16gb"], ["DATA_DIR = '/unused'"]).experiment
+    assert experiment.rounds == 1400 and experiment.budget_gb == pytest.approx(4 * 5.7949, abs=1e-3)
 
 
 def test_params_name_every_macro_and_resolve_macro_references():
-    configs.parse("pffdst", ["table1_4gb"], ["DATA_DIR = '/unused'"])
+    compose("pffdst", ["table1_4gb"], ["DATA_DIR = '/unused'"])
     params = configs.bindings_as_params()
     assert params["macros/ROUNDS"] == "200" and params["macros/PFFDST_ROUNDS"] == "350"
     assert params["macros/SPARSITY"] == "0.8"

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from fl_sparse.data import (CIFAR10, CIFAR100, CIFAR_STATS, FederatedData, dirichlet_partition, load_cifar10,
-                            load_cifar100, load_embedded_cifar10)
-from fl_sparse.errors import ConfigError, DataError
-
+from fl_sparse.core.errors import ConfigError, DataError
+from fl_sparse.data import (
+    CIFAR10,
+    CIFAR100,
+    CIFAR_STATS,
+    FederatedData,
+    dirichlet_partition,
+    load_cifar10,
+    load_cifar100,
+    load_embedded_cifar10,
+)
 
 # ---------------------------------------------------------------- CIFAR-100 on a synthetic copy in the real layout
 

@@ -1,8 +1,9 @@
 """The round loop: seeding, sampling, byte accounting and determinism."""
 
 import torch
-
 from helpers import play, simulation
+
+from fl_sparse.engine.loop import run_rounds
 
 
 def test_sampling_is_seeded_and_without_replacement():
@@ -47,8 +48,8 @@ def test_bytes_are_measured_from_payloads_and_accumulate():
 def test_fedavg_learns_on_the_embedded_data():
     sim = simulation("fedavg", "Experiment.num_clients = 4", "Experiment.clients_per_round = 4",
                      "Experiment.dirichlet_alpha = 100.0", "Experiment.local_epochs = 2", rounds=6)
-    state = sim.run()
-    from fl_sparse.training import evaluate
+    state = run_rounds(sim).state
+    from fl_sparse.training.client import evaluate
 
     assert evaluate(sim.model, state.weights, sim.data)["test_accuracy"] > 0.2  # chance is 0.1
 

@@ -12,14 +12,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import play, simulation
 
-from fl_sparse.interfaces import LocalObjective, RoundContext
+from fl_sparse.core.interfaces import LocalObjective, RoundContext
 from fl_sparse.models import LeNet
 from fl_sparse.models.resnet import ResNet18
-from fl_sparse.parts.executors import Sequential
-from fl_sparse.parts.vectorized import Vectorized, needs_sequential
-from fl_sparse.training import ClientTask, generator
-from helpers import play, simulation
+from fl_sparse.parts.executors.sequential import Sequential
+from fl_sparse.parts.executors.vectorized import Vectorized, needs_sequential
+from fl_sparse.training.client import ClientTask, generator
 
 ATOL = 1e-5
 SIZES = (7, 33, 130)  # 1, 2 and 5 batches of 32 per epoch; short last batches everywhere
@@ -138,7 +138,7 @@ def test_batchnorm_models_fall_back_to_sequential_exactly():
 
 
 def test_group_size_is_validated():
-    from fl_sparse.errors import ConfigError
+    from fl_sparse.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="group_size"):
         Vectorized(group_size=-1)

@@ -4,10 +4,11 @@ import dataclasses
 
 import pytest
 import torch
-
-from fl_sparse.cli import main
-from fl_sparse.parts.executors import Sequential
 from helpers import play, simulation
+
+from fl_sparse.cli.main import main
+from fl_sparse.engine.loop import run_rounds
+from fl_sparse.parts.executors.sequential import Sequential
 
 
 class Saboteur(Sequential):
@@ -58,8 +59,9 @@ def test_budget_stops_before_the_round_that_would_exceed_it(tmp_path, monkeypatc
     round_gb = (per_round["uplink_bytes"] + per_round["downlink_bytes"]) / 1e9
     budget = 2.5 * round_gb
     sim = simulation("fedavg", f"Experiment.budget_gb = {budget}", rounds=5)
-    state = sim.run()
-    assert state.round == 2 and sim.stopped_by_budget
+    end = run_rounds(sim)
+    state = end.state
+    assert state.round == 2 and end.stopped_by == "budget"
     assert state.cumulative_bytes <= budget * 1e9
     monkeypatch.chdir(tmp_path)
     assert main(["run", "fedavg", "--rounds", "5", "--no-tracking", "--budget-gb", str(budget),

@@ -26,10 +26,12 @@ pytest.importorskip("flwr", reason="the flower extra is not installed: pip insta
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
-from fl_sparse.errors import ConfigError  # noqa: E402
+from fl_sparse.core.errors import ConfigError  # noqa: E402
+from fl_sparse.engine.loop import run_rounds
 from fl_sparse.flower import clientapp, serverapp, setup  # noqa: E402
-from fl_sparse.parts.executors import Sequential  # noqa: E402
-from fl_sparse.training import train_client  # noqa: E402
+from fl_sparse.parts.executors.sequential import Sequential  # noqa: E402
+from fl_sparse.training.client import train_client  # noqa: E402
+
 FAULTY_APP = Path(__file__).resolve().parent / "flower_faulty"
 sys.path.insert(0, str(FAULTY_APP))
 from flower_faults import tamper  # noqa: E402
@@ -108,7 +110,7 @@ def flower_run(config: dict, num_nodes: int, faults: dict | None = None, out=Non
 
 
 def read_results(out: Path):
-    from fl_sparse import checkpoint
+    from fl_sparse.runtime import checkpoint
 
     state, _ = checkpoint.load(checkpoint.latest(out / "checkpoints"))
     return state, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -117,9 +119,9 @@ def read_results(out: Path):
 def in_process_run(config: dict, damage: dict | None = None):
     built = setup.build(setup.Composition.from_run_config(config), 1)
     if damage:
-        built.simulation.experiment.executor = DamagingExecutor(damage)
+        built.server.experiment.executor = DamagingExecutor(damage)
     metrics = []
-    state = built.simulation.run(callbacks=[lambda event: metrics.append(event.metrics)])
+    state = run_rounds(built.server, callbacks=[lambda event: metrics.append(event.metrics)]).state
     return state, metrics
 
 
@@ -155,7 +157,7 @@ def test_run_config_keys_match_the_app():
 
 
 def test_without_flower_the_command_says_which_extra_to_install(monkeypatch, capsys):
-    from fl_sparse.cli import main
+    from fl_sparse.cli.main import main
 
     monkeypatch.setitem(sys.modules, "flwr", None)  # as if flwr were not installed
     assert main(["flower", "run", "pffdst", "--superlink", "lab"]) == 2
@@ -164,7 +166,7 @@ def test_without_flower_the_command_says_which_extra_to_install(monkeypatch, cap
 
 
 def test_cli_submits_the_composition_with_flwr_run(monkeypatch, capsys):
-    from fl_sparse.cli import main
+    from fl_sparse.cli.main import main
     from fl_sparse.flower import APP_DIR
 
     calls = []

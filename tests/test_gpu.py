@@ -3,8 +3,9 @@ Skipped where no GPU is present (the CI machine has none); run ``pytest tests/te
 
 import pytest
 import torch
-
 from helpers import load_script, simulation
+
+from fl_sparse.engine.loop import run_rounds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -37,7 +38,7 @@ def test_sparsyfed_on_cuda_keeps_its_density():
     can swap weights at the threshold: check its invariants on the GPU rather than equality with the CPU."""
     sim = simulation("sparsyfed", "Experiment.device = 'cuda'", rounds=2)
     policy = sim.experiment.mask_policy
-    state = sim.run()
+    state = run_rounds(sim).state
     assert bool(state.mask["conv1.weight"].all())
     assert sum(int(state.mask[n].sum()) for n in policy.pruned_names) == policy.count(0.8)
     assert all(torch.isfinite(w).all() for w in state.weights.values() if w.is_floating_point())

@@ -2,7 +2,6 @@
 on an Intel host all three name their kernels, on an AMD host MKL names none (the CI failure this guards)."""
 
 import pytest
-
 from helpers import load_script
 
 MKL_AMD = ("MKL_VERBOSE oneMKL 2024.0 Update 2 Product build 20240605 for Intel(R) 64 architecture Intel(R) "

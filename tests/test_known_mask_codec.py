@@ -8,15 +8,22 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from codec_helpers import (
+    as_received,
+    assert_bitwise_equal,
+    assert_messages_equal,
+    container,
+    frozen_link,
+    model_message,
+    record,
+)
+from helpers import play, simulation
 
-from fl_sparse.errors import PayloadError
-from fl_sparse.interfaces import Link, Message
-from fl_sparse.parts import payload_format as fmt
+from fl_sparse.core.errors import PayloadError
+from fl_sparse.core.interfaces import Link, Message
 from fl_sparse.parts.codecs import AUTO_PREFERENCE as AUTO
 from fl_sparse.parts.codecs import AutoSparse, FreezeAware, KnownMaskSparse
-from codec_helpers import (as_received, assert_bitwise_equal, assert_messages_equal, container, frozen_link,
-                           model_message, record)
-from helpers import play, simulation
+from fl_sparse.wire import layout as fmt
 
 
 def uplink(message: Message, **changes) -> Link:

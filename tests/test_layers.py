@@ -59,5 +59,5 @@ def test_pool_under_vmap_matches_per_sample_gradients():
     fast = torch.func.vmap(torch.func.grad(lambda w, xi: loss(BatchAsChannelsMaxPool2d(3, 1), w, xi), argnums=1))
     got = fast(weights, x)
     for client in range(3):
-        want = torch.func.grad(lambda xi: loss(torch.nn.MaxPool2d(3, 1), weights[client], xi))(x[client])
+        want = torch.func.grad(lambda xi: loss(torch.nn.MaxPool2d(3, 1), weights[client], xi))(x[client])  # noqa: B023
         assert torch.equal(got[client], want)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from fl_sparse.core.errors import ConfigError
 from fl_sparse.models import LeNet, ResNet18, maskable_names, timm_model, vit_tiny_cifar
-from fl_sparse.errors import ConfigError
 
 
 def _count(model):

@@ -25,11 +25,14 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from fl_sparse import checkpoint  # noqa: E402
-from fl_sparse.interfaces import RoundContext  # noqa: E402
-from fl_sparse.parts.ray_executor import RayExecutor, WorkerLost  # noqa: E402
-from fl_sparse.training import ClientTask, generator  # noqa: E402
 from helpers import play, simulation  # noqa: E402
+
+from fl_sparse.config.compose import compose  # noqa: E402
+from fl_sparse.core.interfaces import RoundContext  # noqa: E402
+from fl_sparse.engine.loop import run_rounds  # noqa: E402
+from fl_sparse.parts.executors.ray_executor import RayExecutor, WorkerLost  # noqa: E402
+from fl_sparse.runtime import checkpoint  # noqa: E402
+from fl_sparse.training.client import ClientTask, generator  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,14 +90,14 @@ class TestLocalRay:
             sim = simulation("pffdst", *bindings, rounds=4)
             if runner:
                 sim.experiment.executor = runner
-            sim.run(callbacks=[checkpoint.Checkpointer(tmp_path / name, 1, sim, None, "config")])
+            run_rounds(sim, callbacks=[checkpoint.Checkpointer(tmp_path / name, 1, sim, "config")])
         state, meta = checkpoint.read(tmp_path / "ray", "config")  # KEEP=2: round 4 is newest, round 3 stays
         assert state.round == 4
         resumed = simulation("pffdst", *bindings, rounds=4)
         resumed.experiment.executor = executor
         state, meta = checkpoint.load(tmp_path / "ray" / "round-000003")
         state = checkpoint.apply(resumed, state, meta)
-        resumed.run(state, callbacks=[checkpoint.Checkpointer(tmp_path / "resumed", 1, resumed, None, "config")])
+        run_rounds(resumed, state, callbacks=[checkpoint.Checkpointer(tmp_path / "resumed", 1, resumed, "config")])
         want, want_meta = checkpoint.load(tmp_path / "sequential" / "round-000004")
         for name in ("ray", "resumed"):
             got, got_meta = checkpoint.load(tmp_path / name / "round-000004")
@@ -268,8 +271,7 @@ def test_joins_a_cluster_started_with_ray_start():
 def test_missing_ray_is_one_line_naming_the_extra(monkeypatch):
     import importlib.util
 
-    from fl_sparse.configs import first_line
-    from fl_sparse.errors import ConfigError
+    from fl_sparse.core.errors import ConfigError, first_line
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
@@ -279,7 +281,7 @@ def test_missing_ray_is_one_line_naming_the_extra(monkeypatch):
 
 
 def test_parameters_are_validated_before_anything_starts():
-    from fl_sparse.errors import ConfigError
+    from fl_sparse.core.errors import ConfigError
 
     for bad in ({"num_workers": 0}, {"threads_per_worker": 0}, {"num_gpus_per_worker": -1}, {"max_restarts": -1},
                 {"address": ""}):
@@ -289,20 +291,20 @@ def test_parameters_are_validated_before_anything_starts():
 
 
 def test_cli_flags_are_the_bindings():
-    from fl_sparse import cli, configs
-    from fl_sparse.experiment import Experiment
+    from fl_sparse.cli import flags
+    from fl_sparse.cli.main import _parser
+    from fl_sparse.config.catalog import registered_parts
 
-    args = cli._parser().parse_args(["run", "feddst", "--executor", "ray", "--workers", "3",
+    args = _parser().parse_args(["run", "feddst", "--executor", "ray", "--workers", "3",
                                      "--ray-address", "10.0.0.1:6379"])
-    bindings = cli._bindings(args)
+    bindings = flags.bindings(args)
     assert bindings == ["Experiment.executor = @RayExecutor()", "RayExecutor.num_workers = 3",
                         "RayExecutor.address = '10.0.0.1:6379'"]
-    configs.parse("feddst", [], bindings)
-    executor = Experiment().executor
+    executor = compose("feddst", [], bindings).experiment.executor
     assert isinstance(executor, RayExecutor) and (executor.num_workers, executor.address) == (3, "10.0.0.1:6379")
     assert not ray.is_initialized(), "building the executor starts nothing"
-    args = cli._parser().parse_args(["run", "feddst", "--executor", "vectorized"])
-    assert cli._bindings(args) == ["Experiment.executor = @Vectorized()"]
-    listed = configs.registered_parts()["ClientExecutor"]
+    args = _parser().parse_args(["run", "feddst", "--executor", "vectorized"])
+    assert flags.bindings(args) == ["Experiment.executor = @Vectorized()"]
+    listed = registered_parts()["ClientExecutor"]
     assert "RayExecutor(num_workers=None, address=None, threads_per_worker=1, num_gpus_per_worker=0, " \
            "max_restarts=3)" in listed

@@ -4,10 +4,11 @@ started from the stage-1 model with the best test accuracy (model selection on t
 from __future__ import annotations
 
 import pytest
+from helpers import play, simulation
 
+from fl_sparse.engine.loop import run_rounds
 from fl_sparse.parts.schedules import TwoStage
 from fl_sparse.sparse.mask_ops import active_counts
-from helpers import play, simulation
 
 
 def phases(schedule: TwoStage) -> dict[str, list[int]]:
@@ -51,10 +52,10 @@ def test_feddst_server_random_tie_break_is_opt_in_seeded_and_exact():
     """The union holds 100 non-zero weights and 900 regrown zeros; the target keeps 200, so 100 zeros stay."""
     import torch
 
-    from fl_sparse.interfaces import RoundContext
+    from fl_sparse.core.interfaces import RoundContext
     from fl_sparse.parts.mask_policies import ClientReadjust
     from fl_sparse.parts.schedules import Readjusting
-    from fl_sparse.training import generator
+    from fl_sparse.training.client import generator
 
     weights = {"fc.weight": torch.zeros(40, 25)}
     weights["fc.weight"].view(-1)[torch.arange(100) * 10 + 3] = 1.0
@@ -78,7 +79,7 @@ def test_feddst_server_random_tie_break_is_opt_in_seeded_and_exact():
 def test_freeze_policy_picks_the_best_evaluated_model_earliest_on_ties_and_is_off_by_default():
     import torch
 
-    from fl_sparse.interfaces import Phase, RoundContext
+    from fl_sparse.core.interfaces import Phase, RoundContext
     from fl_sparse.parts.freezing import FreezeAtStage
 
     def model(value):
@@ -122,18 +123,19 @@ class RoundKeyedEvaluation:
 def test_pffdst_stage_2_starts_from_the_best_stage_1_model_and_resumes_exactly(tmp_path, monkeypatch):
     import torch
 
-    from fl_sparse import checkpoint, engine
+    from fl_sparse.engine import server as engine
+    from fl_sparse.runtime import checkpoint
 
     bindings = ("FreezeAtStage.reference_stage2_from_best_test = True", "Experiment.eval_every = 1")
     evaluation = RoundKeyedEvaluation()
     monkeypatch.setattr(engine, "evaluate", evaluation)
     sim = simulation("pffdst", *bindings, rounds=8)
     states = {}
-    saver = checkpoint.Checkpointer(tmp_path, 3, sim, None, "config")
+    saver = checkpoint.Checkpointer(tmp_path, 3, sim, "config")
     callbacks = [evaluation.callback, lambda e: states.__setitem__(e.round, e.state),
                  lambda e: saver(e) if e.round == 3 else None]
     with pytest.warns(UserWarning, match="round 4: stage 2 starts from the global model of round 2"):
-        final = sim.run(callbacks=callbacks)
+        final = run_rounds(sim, callbacks=callbacks).state
     chosen = states[2]
     for name, frozen in states[4].frozen.items():
         assert torch.equal(frozen, chosen.mask[name] & (chosen.weights[name] != 0)), name
@@ -146,6 +148,6 @@ def test_pffdst_stage_2_starts_from_the_best_stage_1_model_and_resumes_exactly(t
     resumed_sim = simulation("pffdst", *bindings, rounds=8)
     state, meta = checkpoint.load(checkpoint.latest(tmp_path))
     with pytest.warns(UserWarning, match="round 2"):
-        resumed = resumed_sim.run(checkpoint.apply(resumed_sim, state, meta), callbacks=[evaluation.callback])
+        resumed = run_rounds(resumed_sim, checkpoint.apply(resumed_sim, state, meta), callbacks=[evaluation.callback]).state
     for name in final.weights:
         assert torch.equal(resumed.weights[name], final.weights[name]), name

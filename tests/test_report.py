@@ -2,7 +2,7 @@
 
 import pytest
 
-from fl_sparse.report import TAIL, _column, active_seconds, markdown_table, seed_mean_curve, summarize
+from fl_sparse.reporting.summary import TAIL, _column, active_seconds, markdown_table, seed_mean_curve, summarize
 
 
 def history(accuracies, gb_per_round=0.5):

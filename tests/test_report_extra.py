@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 # matplotlib made unimportable the way a missing package is: `import matplotlib` raises ImportError.
-WITHOUT_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None; from fl_sparse.cli import main; "
+WITHOUT_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None; from fl_sparse.cli.main import main; "
                       "sys.exit(main(sys.argv[1:]))")
 
 

@@ -7,12 +7,13 @@ import json
 
 import pytest
 
-from fl_sparse import results_export
-from fl_sparse.cli import main
-from fl_sparse.errors import ConfigError
-from fl_sparse.report import budget_plot, collect, markdown_table
-from fl_sparse.report_reach import NOT_REACHED, first_reach, reach_table
-from fl_sparse.results_export import RunRecord
+from fl_sparse.cli.main import main
+from fl_sparse.core.errors import ConfigError
+from fl_sparse.reporting import records as export_format
+from fl_sparse.reporting.plots import budget_plot
+from fl_sparse.reporting.reach import NOT_REACHED, first_reach, reach_table
+from fl_sparse.reporting.records import RunRecord
+from fl_sparse.reporting.summary import collect, markdown_table
 
 FAST = ["--bind", "Experiment.local_epochs=1", "--bind", "Experiment.num_clients=10",
         "--bind", "Experiment.clients_per_round=2"]
@@ -25,7 +26,7 @@ def record(algorithm: str, seed: int, test: list[float], gb_per_round: float, fl
                "local_accuracy": {r: 0.0 for r in rounds},  # the reach table must follow test accuracy
                "cumulative_gb": {r: gb_per_round * r for r in rounds},
                "cumulative_flops": {r: flops_per_round * r for r in rounds}}
-    info = {"format": results_export.FORMAT_VERSION, "run_id": run_id or f"{algorithm}{seed}0123456789",
+    info = {"format": export_format.FORMAT_VERSION, "run_id": run_id or f"{algorithm}{seed}0123456789",
             "algorithm": algorithm, "presets": presets, "experiment": experiment, "seed": str(seed), "start_ms": 1_000,
             "params": {"Experiment.rounds": str(len(test))}}
     return RunRecord(f"{algorithm}_s{seed}", info, metrics, {r: 1_000 + 500 * r for r in rounds}, "Experiment.rounds = 3\n")
@@ -34,11 +35,11 @@ def record(algorithm: str, seed: int, test: list[float], gb_per_round: float, fl
 def test_export_round_trips_exactly_and_rewrites_identical_bytes(tmp_path):
     original = record("feddst", 0, [0.1, 0.1 + 0.2, 1 / 3], 0.724358 * 2 * 20 / 1000, 7.67e12 / 200)
     original.metrics["test_loss"] = {2: 1e-300, 3: 2.5}  # a metric some rounds did not log
-    paths = results_export.write([original], tmp_path / "a")
+    paths = export_format.write([original], tmp_path / "a")
     assert sorted(p.name for p in paths) == ["feddst_s0.csv", "feddst_s0.gin", "feddst_s0.json"]
-    (back,) = results_export.read(tmp_path / "a")
+    (back,) = export_format.read(tmp_path / "a")
     assert back == original  # every float reads back to the same double
-    results_export.write([back], tmp_path / "b")
+    export_format.write([back], tmp_path / "b")
     for path in paths:
         assert (tmp_path / "b" / path.name).read_bytes() == path.read_bytes()
     lines = (tmp_path / "a" / "feddst_s0.csv").read_text().splitlines()
@@ -47,7 +48,7 @@ def test_export_round_trips_exactly_and_rewrites_identical_bytes(tmp_path):
 
 
 def test_colliding_names_get_the_run_id():
-    records = results_export._unique_names([record("fedavg", 0, [0.1], 1, 1, "aaaaaaaa11"),
+    records = export_format.unique_names([record("fedavg", 0, [0.1], 1, 1, "aaaaaaaa11"),
                                             record("fedavg", 0, [0.1], 1, 1, "bbbbbbbb22"),
                                             record("fedavg", 1, [0.1], 1, 1)])
     assert [r.name for r in records] == ["fedavg_s0_aaaaaaaa", "fedavg_s0_bbbbbbbb", "fedavg_s1"]
@@ -60,8 +61,8 @@ def test_reach_table_gives_the_hand_worked_rounds_gb_and_flops(tmp_path):
     feddst = [record("feddst", 0, [0.2] * 10 + [0.50] * 20, 0.1, 1e9),
               record("feddst", 1, [0.2] * 10 + [0.42] * 20, 0.2, 3e9)]
     pffdst = [record("pffdst", 0, [0.33] * 20, 0.05, 1e9)]  # 33 % from round 1: only 30 % is reached
-    results_export.write(feddst + pffdst, tmp_path)
-    groups = collect(results_export.read(tmp_path))
+    export_format.write(feddst + pffdst, tmp_path)
+    groups = collect(export_format.read(tmp_path))
     assert first_reach(groups[("feddst", "4gb")], 30.0) == (14, pytest.approx(2.1), pytest.approx(2.8e10))
     assert first_reach(groups[("feddst", "4gb")], 35.0) == (16, pytest.approx(2.4), pytest.approx(3.2e10))
     assert first_reach(groups[("feddst", "4gb")], 40.0) == (18, pytest.approx(2.7), pytest.approx(3.6e10))
@@ -77,16 +78,16 @@ def test_a_run_renamed_by_a_later_collision_leaves_no_stale_files(tmp_path):
     """seed 0 is exported as pffdst_s0; a second seed-0 run joins the experiment, so both get run-id suffixes.
     Exporting again must not leave pffdst_s0.* behind, and reading a directory holding one run twice fails."""
     first = record("pffdst", 0, [0.2, 0.3], 1.0, 1e9, run_id="aaaaaaaa11111111")
-    results_export.write([first], tmp_path)
+    export_format.write([first], tmp_path)
     stale = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     second = record("pffdst", 0, [0.1, 0.4], 1.0, 1e9, run_id="bbbbbbbb22222222")
-    results_export.write(results_export._unique_names([first, second]), tmp_path)
+    export_format.write(export_format.unique_names([first, second]), tmp_path)
     assert sorted(p.stem for p in tmp_path.glob("*.json")) == ["pffdst_s0_aaaaaaaa", "pffdst_s0_bbbbbbbb"]
-    assert len(results_export.read(tmp_path)) == 2
+    assert len(export_format.read(tmp_path)) == 2
     for name, data in stale.items():  # an export from an older fl-sparse, which left the stale files
         (tmp_path / name).write_bytes(data)
     with pytest.raises(ConfigError, match="run aaaaaaaa11111111 is exported twice"):
-        results_export.read(tmp_path)
+        export_format.read(tmp_path)
 
 
 def test_a_variant_beside_its_base_run_keeps_its_own_row_and_budgets_make_a_plot(tmp_path):
@@ -99,8 +100,8 @@ def test_a_variant_beside_its_base_run_keeps_its_own_row_and_budgets_make_a_plot
                      experiment="table1_8gb", presets="table1_8gb") for algorithm in ("feddst", "pffdst")
               for seed in (0, 1)]
     for name, records in [("base", base), ("variant", variant), ("larger", larger)]:
-        results_export.write(records, tmp_path / name)
-    groups = collect([r for name in ("base", "variant", "larger") for r in results_export.read(tmp_path / name)])
+        export_format.write(records, tmp_path / name)
+    groups = collect([r for name in ("base", "variant", "larger") for r in export_format.read(tmp_path / name)])
     assert set(groups) == {("feddst", "4gb · table1_4gb"), ("feddst", "4gb · table1_4gb_known_mask"),
                            ("pffdst", "4gb"), ("feddst", "8gb"), ("pffdst", "8gb")}
     table = markdown_table(groups)

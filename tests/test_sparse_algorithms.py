@@ -5,14 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import play, simulation
 
-from fl_sparse.configs import ALGORITHMS
-from fl_sparse.interfaces import Link, Message, RoundContext
+from fl_sparse.config.gin_files import ALGORITHMS
+from fl_sparse.core.interfaces import Link, Message, RoundContext
+from fl_sparse.engine.loop import run_rounds
 from fl_sparse.parts.codecs import AutoSparse, FreezeAware
 from fl_sparse.parts.mask_policies import ClientReadjust
 from fl_sparse.sparse.mask_ops import active_counts
-from fl_sparse.training import generator
-from helpers import play, simulation
+from fl_sparse.training.client import generator
 
 ALGORITHM_FILES = sorted(path.stem for path in Path(ALGORITHMS).glob("*.gin"))
 
@@ -23,7 +24,7 @@ PFFDST_SHORT = ["TwoStage.readjust_every = 2", "TwoStage.readjust_until = 4"]
 @pytest.mark.parametrize("algorithm", ALGORITHM_FILES)
 def test_every_algorithm_file_runs_two_rounds(algorithm):
     sim = simulation(algorithm, rounds=2)
-    state = sim.run()
+    state = run_rounds(sim).state
     assert state.round == 2 and state.cumulative_bytes > 0
     for name, m in state.mask.items():
         assert torch.all(state.weights[name][~m] == 0), name
@@ -72,6 +73,7 @@ def test_stage_two_uplink_carries_only_the_unfrozen_coordinates():
     message = Message(state.weights, state.mask)
     freeze_aware = FreezeAware()
     sent = freeze_aware.decode(freeze_aware.encode(message, link), link)
+    freeze_aware.delivered(link)
     no_freeze = len(AutoSparse().encode(message, Link("up", 0, {}, {}, 0)))
     stage_two = len(freeze_aware.encode(message, link))
     unfrozen = sum(int((state.mask[n] & ~state.frozen[n]).sum()) for n in state.mask)
@@ -126,7 +128,7 @@ def test_feddst_server_keeps_the_target_density():
 def test_masked_weights_stay_exactly_zero_through_local_training():
     sim = simulation("random_mask", rounds=1)
     state = sim.initial_state()
-    from fl_sparse.training import ClientTask
+    from fl_sparse.training.client import ClientTask
 
     task = ClientTask(0, state.weights, state.mask, {}, sim.data.client_train[0], 0, 1)
     ctx = RoundContext(sim.experiment.schedule.phase(1), generator(0, "mask", 1))

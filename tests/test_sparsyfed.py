@@ -5,16 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import play, simulation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_sparse.interfaces import ClientResult
+from fl_sparse.core.interfaces import ClientResult
 from fl_sparse.models import LeNet
 from fl_sparse.models.powerprop import Powerprop, effective_weight, keep_largest
 from fl_sparse.parts.aggregators import UnionAverage
-from fl_sparse.parts.vectorized import needs_sequential
+from fl_sparse.parts.executors.vectorized import needs_sequential
 from fl_sparse.sparse.mask_ops import prune_globally_to
-from helpers import play, simulation
 
 
 def test_effective_weight_has_zero_finite_gradient_at_zero():
@@ -185,7 +185,7 @@ def test_sparsyfed_rounds_keep_the_first_layer_dense_and_the_rest_at_the_target(
 
 
 def test_activation_pruning_refuses_non_zero_padding_when_built():
-    from fl_sparse.errors import ConfigError
+    from fl_sparse.core.errors import ConfigError
 
     reflect = torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
     with pytest.raises(ConfigError, match="padding_mode='zeros' only"):

@@ -8,8 +8,8 @@ import sys
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from fl_sparse import tracking
-from fl_sparse.cli import main
+from fl_sparse.cli.main import main
+from fl_sparse.tracking import tracker as tracking
 
 # The smallest run that still trains, evaluates and logs every metric in each of its rounds.
 TINY = ["--bind", "Experiment.local_epochs=1", "--bind", "Experiment.num_clients=4",

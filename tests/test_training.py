@@ -6,11 +6,11 @@ same kernels, so the results must not move by a single bit; these tests compare 
 
 import pytest
 import torch
-
-from fl_sparse import training
-from fl_sparse.parts.executors import Sequential
 from helpers import simulation
 from test_executors import context, tasks_for
+
+from fl_sparse.parts.executors.sequential import Sequential
+from fl_sparse.training import client as training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,9 +12,10 @@ import mlflow
 import pytest
 import torch
 
-from fl_sparse import run_details, ui
-from fl_sparse.cli import main
-from fl_sparse.engine import ServerState
+from fl_sparse.cli.main import main
+from fl_sparse.core.state import ServerState
+from fl_sparse.reporting import run_details
+from fl_sparse.tracking import links as ui
 
 needs_server = pytest.mark.skipif(importlib.util.find_spec("uvicorn") is None,
                                   reason="the server extra is not installed (pip install 'fl-sparse[server]')")

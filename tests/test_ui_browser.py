@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from devtools import Chromium, chromium_binary
-from fl_sparse import ui
-from fl_sparse.cli import main
-from fl_sparse.errors import FlSparseError
+
+from fl_sparse.cli.main import main
+from fl_sparse.core.errors import FlSparseError
+from fl_sparse.tracking import ui
 
 try:
     ui.require_server()

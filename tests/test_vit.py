@@ -7,18 +7,18 @@ The small ViT below: 32x32 input, 8x8 patches -> N = 16 + 1 tokens, width D = 32
 import pytest
 import torch
 
-from fl_sparse import configs
-from fl_sparse.accounting import forward_macs, training_flops
-from fl_sparse.engine import Simulation
-from fl_sparse.errors import ConfigError
-from fl_sparse.experiment import Experiment
+from fl_sparse.config.compose import compose
+from fl_sparse.core.errors import ConfigError
+from fl_sparse.engine.loop import run_rounds
+from fl_sparse.engine.server import RoundServer
 from fl_sparse.models import maskable_names
 from fl_sparse.models.vit import vit32
 from fl_sparse.parts.mask_policies import RandomMask
 from fl_sparse.parts.schedules import Constant
 from fl_sparse.sparse.budgets import ERK, Uniform
 from fl_sparse.sparse.mask_ops import active_counts
-from fl_sparse.training import generator
+from fl_sparse.training.accounting import forward_macs, training_flops
+from fl_sparse.training.client import generator
 
 N, D, DEPTH, CLASSES, PATCH = 17, 32, 2, 10, 8
 BLOCK = ["attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
@@ -138,21 +138,19 @@ def test_vit32_checks_its_sizes():
 
 
 def test_vit_preset_sizes_are_gin_parameters():
-    configs.parse("fedavg", ["cifar10_vit"], ["ViT32.depth = 2", "ViT32.embed_dim = 48", "ViT32.num_heads = 3",
-                                              "ViT32.patch_size = 4"])
-    model = Experiment().model(10)
+    model = compose("fedavg", ["cifar10_vit"], ["ViT32.depth = 2", "ViT32.embed_dim = 48", "ViT32.num_heads = 3",
+                                              "ViT32.patch_size = 4"]).experiment.model(10)
     assert len(model.blocks) == 2 and model.embed_dim == 48 and model.blocks[0].attn.num_heads == 3
     assert model.patch_embed.num_patches == 64
 
 
 def test_pffdst_runs_two_rounds_on_the_vit_preset(one_thread):
     """CI: the cifar10_vit preset (400 clients of the embedded subset, 20 per round) under PFFDST."""
-    configs.parse("pffdst", ["cifar10_vit"], ["ROUNDS = 2"])
-    sim = Simulation(Experiment())
+    sim = RoundServer(compose("pffdst", ["cifar10_vit"], ["ROUNDS = 2"]).experiment)
     state = sim.initial_state()
     assert list(state.mask) == maskable_names(sim.model)
     events = []
-    state = sim.run(state, callbacks=[events.append])
+    state = run_rounds(sim, state, callbacks=[events.append]).state
     assert state.round == 2 and [e.evaluated for e in events] == [True, True]
     metrics = events[-1].metrics
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and torch.isfinite(torch.tensor(metrics["train_loss"]))

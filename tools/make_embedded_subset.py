@@ -23,8 +23,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from fl_sparse.core.errors import DataError  # noqa: E402
 from fl_sparse.data.cifar import EMBEDDED_SUBSET, load_cifar10  # noqa: E402
-from fl_sparse.errors import DataError  # noqa: E402
 
 
 def balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -63,7 +63,7 @@ def main() -> None:
     try:
         full = load_cifar10(args.data_dir)
     except DataError as err:
-        raise SystemExit(str(err))
+        raise SystemExit(str(err)) from None
     rng = np.random.default_rng(args.seed)
     train_y, test_y = full.train_y.numpy(), full.test_y.numpy()
     tr = balanced_indices(train_y, args.train_per_class, rng)

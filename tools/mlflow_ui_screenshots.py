@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # devtools.py lives with the test that 
 
 from devtools import Chromium  # noqa: E402
 
-from fl_sparse import ui  # noqa: E402
+from fl_sparse.tracking import ui  # noqa: E402
 
 # Close the assistant side panel and the "You're viewing a shared view" notice: both are dismissable
 # and take a third of the page; what is left is MLflow's page as a user sees it after one click each.

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fl_sparse.errors import DataError
+from fl_sparse.core.errors import DataError
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR100_FOLDER = "cifar-100-python"
@@ -30,7 +30,8 @@ EMBEDDED_SUBSET = Path(__file__).resolve().parent / "embedded" / "cifar10_subset
 
 # How a user gets the data; appended to every "not found" message.
 CIFAR10_HINT = ("prepare it with `python ../shared/data/prepare_cifar10.py --out DIR` (or unpack the python version "
-                "from https://www.cs.toronto.edu/~kriz/cifar.html into DIR), or omit --data-dir to use the embedded subset")
+                "from https://www.cs.toronto.edu/~kriz/cifar.html into DIR), "
+                "or omit --data-dir to use the embedded subset")
 CIFAR100_HINT = "unpack the python version of CIFAR-100 from https://www.cs.toronto.edu/~kriz/cifar.html into DIR"
 
 

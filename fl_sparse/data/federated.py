@@ -23,8 +23,8 @@ import gin
 import numpy as np
 import torch
 
+from fl_sparse.core.errors import ConfigError, DataError
 from fl_sparse.data.cifar import CifarSplits, load_cifar10, load_cifar100, load_embedded_cifar10
-from fl_sparse.errors import ConfigError, DataError
 
 
 class Stats(NamedTuple):

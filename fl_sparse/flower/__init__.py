@@ -1,13 +1,13 @@
 """Flower deployment of fl_sparse compositions (``pip install 'fl-sparse[flower]'``).
 
 The same gin composition (algorithm, presets, bindings) runs as a Flower ``ServerApp`` and ``ClientApp`` on
-Flower's Message API: the server plays the engine's round (:class:`fl_sparse.engine.Simulation` steps) and
+Flower's Message API: the server plays the engine's round (:class:`fl_sparse.engine.server.RoundServer` steps) and
 sends each sampled client its downlink as our codec's bytes; the client decodes them, runs
-:func:`fl_sparse.training.train_client` and sends back its encoded update. See ``docs/scale-out.md``.
+:func:`fl_sparse.training.client.train_client` and sends back its encoded update. See ``docs/scale-out.md``.
 
 * :mod:`fl_sparse.flower.serverapp`  ``app``: the ServerApp (``main(grid, context)``)
 * :mod:`fl_sparse.flower.clientapp`  ``app``: the ClientApp (``@app.train()``, ``@app.query()``)
-* :mod:`fl_sparse.flower.wire`       how our payloads ride in Flower messages, and what the server accepts
+* :mod:`fl_sparse.flower.messages`       how our payloads ride in Flower messages, and what the server accepts
 * :mod:`fl_sparse.flower.setup`      the run config -> the same Experiment on every process
 * ``fl_sparse/flower/app/``          the Flower App directory ``flwr run`` builds (``pyproject.toml``)
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fl_sparse.errors import FlSparseError
+from fl_sparse.core.errors import FlSparseError
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 

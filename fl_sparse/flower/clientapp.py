@@ -1,4 +1,4 @@
-"""The Flower ClientApp: decode the downlink, run :func:`fl_sparse.training.train_client`, encode the reply.
+"""The Flower ClientApp: decode the downlink, run :func:`fl_sparse.training.client.train_client`, encode the reply.
 
 A SuperNode serves one partition of the experiment's federated split: ``partition-id`` in its node config
 (``flower-supernode --node-config 'partition-id=3'``; Flower's simulation runtime sets it for each virtual
@@ -23,12 +23,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.clientapp.mod import message_size_mod  # noqa: E402
 
-from fl_sparse.errors import ConfigError, PayloadError  # noqa: E402
-from fl_sparse.flower import setup, wire  # noqa: E402
+from fl_sparse.core.errors import ConfigError, PayloadError  # noqa: E402
+from fl_sparse.flower import messages, setup  # noqa: E402
 
 # torch and the experiment load only in train: a query's process (one per message) answers without them.
 if TYPE_CHECKING:
-    from fl_sparse.interfaces import Tensors
+    from fl_sparse.core.interfaces import Tensors
 
 DOWNLINK_FIELDS = {"round": int, "client": int, "freeze_version": int}
 MEMORY, FROZEN, FROZEN_VALUES = "fl_sparse.memory", "fl_sparse.frozen", "fl_sparse.frozen_values"
@@ -49,16 +49,16 @@ class FrozenMemory:
         if MEMORY not in state.config_records:
             return cls()
         return cls(int(state.config_records[MEMORY]["freeze_version"]),
-                   wire.record_tensors(state.array_records[FROZEN]),
-                   wire.record_tensors(state.array_records[FROZEN_VALUES]))
+                   messages.record_tensors(state.array_records[FROZEN]),
+                   messages.record_tensors(state.array_records[FROZEN_VALUES]))
 
     def store(self, state: RecordDict) -> None:
         state[MEMORY] = ConfigRecord({"freeze_version": self.version})
-        state[FROZEN] = wire.tensors_record(self.frozen)
-        state[FROZEN_VALUES] = wire.tensors_record(self.values)
+        state[FROZEN] = messages.tensors_record(self.frozen)
+        state[FROZEN_VALUES] = messages.tensors_record(self.values)
 
     def link(self, direction: str, client: int, version: int, mask: Tensors, schema):
-        from fl_sparse.interfaces import Link
+        from fl_sparse.core.interfaces import Link
 
         return Link(direction, client, self.frozen, self.values, version, mask, schema=schema)
 
@@ -78,39 +78,32 @@ def _built(context: Context) -> setup.Built:
     return setup.build_cached(setup.Composition.from_run_config(context.run_config), int(config["threads"]))
 
 
-def frozen_part(codec, payload: bytes, link):
-    """The frozen set (``masks``) and values that ``payload`` delivers, if its codec sends such a part
-    (FreezeAware, once per client and freeze version); else None."""
-    read = getattr(codec, "frozen_part", None)
-    return read(payload, link) if read is not None and link.freeze_version else None
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this SuperNode serves (the server checks it against the experiment)."""
-    return wire.partition_reply(msg, partition_id(context))
+    return messages.partition_reply(msg, partition_id(context))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fl_sparse.interfaces import Message as Update
-    from fl_sparse.training import train_client
+    from fl_sparse.core.interfaces import Message as Update
+    from fl_sparse.training.client import train_client
 
     built = _built(context)
-    simulation = built.simulation
-    schema = simulation.schema
-    exp = simulation.experiment
+    server = built.server
+    schema = server.schema
+    exp = server.experiment
     client = partition_id(context, exp.num_clients)
-    numbers = wire.numbers_of(msg, DOWNLINK_FIELDS)
+    numbers = messages.numbers_of(msg, DOWNLINK_FIELDS)
     round, version = numbers["round"], numbers["freeze_version"]
     if numbers["client"] != client:
         raise PayloadError(f"message for client {numbers['client']} reached the SuperNode of partition {client}")
-    payload = wire.payload_of(msg, built.payload_limit)
+    payload = messages.payload_of(msg, built.payload_limit)
 
     memory = FrozenMemory.load(context.state)
     down = memory.link("down", client, version, {}, schema)
     received = exp.downlink_codec.decode(payload, down)
-    delivered = frozen_part(exp.downlink_codec, payload, down)
+    delivered = exp.downlink_codec.frozen_part(payload, down)
     if delivered is not None:
         memory = FrozenMemory(version, delivered.masks, delivered.tensors)
         memory.store(context.state)
@@ -118,9 +111,10 @@ def train(msg: Message, context: Context) -> Message:
         raise PayloadError(f"round {round}: the server sent freeze version {version} without its frozen part; "
                            f"this client holds version {memory.version}")
 
-    task = simulation.task(client, received, memory.frozen, round)
-    result = train_client(simulation.job, task, simulation.round_context(round))
+    task = server.task(client, received, memory.frozen, round)
+    result = train_client(server.job, task, server.round_context(round))
     up = memory.link("up", client, version, received.masks, schema)
     reply = exp.uplink_codec.encode(Update(result.weights, result.mask), up)
-    return Message(wire.content(reply, round=round, client=client, num_samples=result.num_samples,
+    exp.uplink_codec.delivered(up)
+    return Message(messages.content(reply, round=round, client=client, num_samples=result.num_samples,
                                 train_loss=result.train_loss), reply_to=msg)

@@ -1,13 +1,15 @@
 """The Flower ServerApp: the engine's round, with Flower carrying the payloads to remote clients.
 
-``main(grid, context)`` builds the Experiment from the run config (:mod:`fl_sparse.flower.setup`), asks
-every SuperNode which partition it serves (a ``query`` message), then plays the rounds with
-:meth:`fl_sparse.engine.Simulation.run`: each round samples clients, encodes their downlinks with our
-``CommCodec`` (:meth:`~fl_sparse.engine.Simulation.encode_downlinks`), sends them with
-``grid.send_and_receive``, checks and decodes the replies (:func:`fl_sparse.flower.wire.read_upload`,
-:meth:`~fl_sparse.engine.Simulation.accept_upload`) and closes the round with the Aggregator, FreezePolicy
-and MaskPolicy (:meth:`~fl_sparse.engine.Simulation.close_round`). State, byte counts and checkpoints are
-the engine's. A reply that is missing, late, an error, malformed, oversized or not of the model is rejected
+``main(grid, context)`` composes the Experiment from the run config (:mod:`fl_sparse.flower.setup`), asks
+every SuperNode which partition it serves (a ``query`` message), then runs it with the same run path as
+``fl-sparse run`` (:func:`fl_sparse.runtime.runner.run`: resume, checkpoints, the round loop and its stop
+conditions), with :class:`FlowerRound` as the round's player: each round samples clients, encodes their
+downlinks with our ``CommCodec`` (:meth:`~fl_sparse.engine.server.RoundServer.encode_downlinks`), sends them
+with ``grid.send_and_receive``, checks and decodes the replies (:func:`fl_sparse.flower.messages.read_upload`,
+:meth:`~fl_sparse.engine.server.RoundServer.receive_uploads`) and closes the round with the Aggregator,
+FreezePolicy and MaskPolicy (:meth:`~fl_sparse.engine.server.RoundServer.close_round`). State, byte counts and
+checkpoints are the engine's and the runtime's. A reply that is missing, late, an error, malformed, oversized or
+not of the model is rejected
 with a warning; the round aggregates the others.
 """
 
@@ -26,11 +28,13 @@ require_flwr()
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from fl_sparse import checkpoint  # noqa: E402
-from fl_sparse.engine import RoundEvent, ServerState, Simulation  # noqa: E402
-from fl_sparse.errors import ConfigError, PayloadError  # noqa: E402
-from fl_sparse.flower import setup, wire  # noqa: E402
+from fl_sparse.core.errors import ConfigError, PayloadError  # noqa: E402
+from fl_sparse.core.state import RoundEvent, ServerState  # noqa: E402
+from fl_sparse.engine.server import RoundServer  # noqa: E402
+from fl_sparse.flower import messages, setup  # noqa: E402
 from fl_sparse.parts.freezing import NoFreeze  # noqa: E402
+from fl_sparse.runtime.callbacks import Callback  # noqa: E402
+from fl_sparse.runtime.runner import run  # noqa: E402
 
 log = logging.getLogger("flwr")  # Flower's logger: the lines reach `flwr log` and the SuperLink's log
 app = ServerApp()
@@ -42,42 +46,39 @@ def main(grid: Grid, context: Context) -> None:
     if config["resume"] and not config["checkpoint-dir"]:
         raise ConfigError("resume = true needs checkpoint-dir: the directory the interrupted run checkpointed into")
     built = setup.build(setup.Composition.from_run_config(context.run_config), int(config["threads"]))
-    simulation, exp = built.simulation, built.simulation.experiment
-    if not isinstance(exp.freeze_policy, NoFreeze) and not hasattr(exp.downlink_codec, "frozen_part"):
+    exp = built.composed.experiment
+    if not isinstance(exp.freeze_policy, NoFreeze) and not exp.downlink_codec.carries_frozen_part:
         raise ConfigError(f"{type(exp.freeze_policy).__name__} freezes weights, but the downlink codec "
                           f"{exp.downlink_codec!r} cannot tell a remote client which; use "
                           "Experiment.downlink_codec = @FreezeAware()")
-    server = FlowerRound(grid, simulation, built.payload_limit, float(config["round-timeout"]))
+    server = FlowerRound(grid, built.server, built.payload_limit, float(config["round-timeout"]))
     server.discover(float(config["node-wait"]))
-    callbacks, state, directory = [log_metrics(config["metrics-file"])], None, Path(str(config["checkpoint-dir"]))
+    directory = str(config["checkpoint-dir"]) or None
     if config["resume"]:
-        # the same checks as `fl-sparse run --resume`: same composition, checksums, then the parts' own state
-        state = checkpoint.apply(simulation, *checkpoint.read(directory, built.config_text))
-        log.info("fl_sparse: resuming after round %d from %s", state.round, directory)
-    if config["checkpoint-dir"]:
-        callbacks.append(checkpoint.Checkpointer(directory, int(config["checkpoint-every"]),
-                                                 simulation, None, built.config_text))
-    state = simulation.run(state, callbacks=callbacks, play_round=server.play_round)
-    log.info("fl_sparse: finished %d rounds, %.6f GB by our codecs", state.round, state.cumulative_bytes / 1e9)
+        log.info("fl_sparse: resuming from the newest checkpoint in %s", directory)
+    result = run(built.composed, [MetricsLog(config["metrics-file"])], resume=directory if config["resume"] else None,
+                 checkpoint_dir=directory, checkpoint_every=int(config["checkpoint-every"]) if directory else None,
+                 server=built.server, play_round=server.play_round)
+    log.info("fl_sparse: %s (by our codecs)", result.summary_line())
 
 
 class FlowerRound:
-    """Plays one round of ``simulation`` with remote clients reached through ``grid``."""
+    """Plays one round of ``server`` with remote clients reached through ``grid``."""
 
-    def __init__(self, grid: Grid, simulation: Simulation, payload_limit: int, timeout: float):
-        self.grid, self.simulation, self.payload_limit, self.timeout = grid, simulation, payload_limit, timeout
+    def __init__(self, grid: Grid, server: RoundServer, payload_limit: int, timeout: float):
+        self.grid, self.server, self.payload_limit, self.timeout = grid, server, payload_limit, timeout
         self.nodes: dict[int, int] = {}  # client (partition) id -> node id
 
     def discover(self, wait: float) -> None:
         """Learn which SuperNode serves which partition; waits up to ``wait`` seconds for all of them."""
-        num_clients, deadline = self.simulation.experiment.num_clients, time.monotonic() + wait
+        num_clients, deadline = self.server.experiment.num_clients, time.monotonic() + wait
         while True:
             asked = [node for node in self.grid.get_node_ids() if node not in self.nodes.values()]
-            messages = [self.grid.create_message(RecordDict(), wire.QUERY, node, "partition") for node in asked]
-            for reply in self.grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+            queries = [self.grid.create_message(RecordDict(), messages.QUERY, node, "partition") for node in asked]
+            for reply in self.grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
                 node = reply.metadata.src_node_id
                 try:
-                    client = wire.partition_of(reply)
+                    client = messages.partition_of(reply)
                 except PayloadError as error:
                     warnings.warn(f"SuperNode {node} did not say which partition it serves: {error}", stacklevel=2)
                     continue
@@ -97,54 +98,55 @@ class FlowerRound:
             time.sleep(1.0)
 
     def play_round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
-        sim, r = self.simulation, state.round + 1
+        sim, r = self.server, state.round + 1
         ctx, clients = sim.open_round(state)
         started = time.perf_counter()
         payloads = sim.encode_downlinks(state, clients)
-        messages = {}
+        outgoing = {}
         for client, payload in zip(clients, payloads):
-            content = wire.content(payload, round=r, client=client, freeze_version=state.freeze_version)
-            message = self.grid.create_message(content, wire.TRAIN, self.nodes[client], str(r))
-            messages[self.nodes[client]] = message
-        flower_down = sum(map(wire.flower_bytes, messages.values()))
+            content = messages.content(payload, round=r, client=client, freeze_version=state.freeze_version)
+            outgoing[self.nodes[client]] = self.grid.create_message(content, messages.TRAIN, self.nodes[client], str(r))
+        flower_down = sum(map(messages.flower_bytes, outgoing.values()))
         replies = {reply.metadata.src_node_id: reply
-                   for reply in self.grid.send_and_receive(list(messages.values()), timeout=self.timeout)}
+                   for reply in self.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout)}
 
-        uploads, up_bytes, flower_up = [], 0, 0
+        arrivals, flower_up = [], 0
         for client in clients:
             reply = replies.get(self.nodes[client])
             if reply is None:
-                warnings.warn(f"round {r}: client {client} rejected: no reply within {self.timeout:.0f} s", stacklevel=2)
+                warnings.warn(f"round {r}: client {client} rejected: no reply within {self.timeout:.0f} s",
+                              stacklevel=2)
                 continue
             if reply.has_content():
-                flower_up += wire.flower_bytes(reply)
+                flower_up += messages.flower_bytes(reply)
             try:
-                result, payload = wire.read_upload(reply, r, client, self.payload_limit)
+                result, payload = messages.read_upload(reply, r, client, self.payload_limit)
                 expected = len(sim.data.client_train[client])
                 if result.num_samples != expected:
                     raise PayloadError(f"it reports {result.num_samples} samples, its partition holds {expected}")
             except PayloadError as error:
                 warnings.warn(f"round {r}: client {client} rejected: {error}", stacklevel=2)
                 continue
-            up_bytes += len(payload)
-            upload = sim.accept_upload(state, result, payload)
-            if upload is not None:
-                uploads.append(upload)
+            arrivals.append((result, payload))
+        uploads, up_bytes = sim.receive_uploads(state, arrivals)
         new_state, metrics = sim.close_round(state, ctx, clients, uploads, up_bytes, sum(map(len, payloads)), started)
         metrics.update({"flower_downlink_bytes": float(flower_down), "flower_uplink_bytes": float(flower_up)})
         return new_state, metrics
 
 
-def log_metrics(path: str):
-    """An engine callback that logs each round's metrics, our codec's bytes next to what Flower moved,
-    and appends them as one JSON line to ``path`` (if given)."""
-    def callback(event: RoundEvent) -> None:
+class MetricsLog(Callback):
+    """Logs each round's metrics, our codec's bytes next to what Flower moved, and appends them as one JSON
+    line to ``path`` (if given)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_round_end(self, event: RoundEvent) -> None:
         m = event.metrics
         log.info("fl_sparse round %d: codec bytes up %d down %d | Flower message bytes up %d down %d | "
                  "rejected %d | train loss %.4f", event.round, m["uplink_bytes"], m["downlink_bytes"],
                  m["flower_uplink_bytes"], m["flower_downlink_bytes"], m["rejected_clients"], m["train_loss"])
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
                 handle.write(json.dumps({"round": event.round, **m}) + "\n")
-    return callback

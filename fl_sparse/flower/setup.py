@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from fl_sparse.errors import ConfigError
+from fl_sparse.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fl_sparse.config.compose import Composed
+    from fl_sparse.engine.server import RoundServer
 
 # Every key the app understands, with its default (Flower refuses `-c` overrides of keys not listed here,
 # so fl_sparse/flower/app/pyproject.toml lists the same ones; tests/test_flower.py checks they agree).
@@ -58,28 +62,31 @@ def settings(run_config: Mapping[str, object]) -> dict[str, object]:
 
 @dataclasses.dataclass
 class Built:
-    """A built experiment and what every process derives from it once."""
+    """A composed experiment, its server side built, and what every process derives from it once."""
 
-    simulation: object  # fl_sparse.engine.Simulation: data loaded, model made, parts set up
-    config_text: str  # gin.config_str(), as checkpoints record it
-    payload_limit: int  # wire.max_payload_bytes of the model: longer payloads are refused unread
+    composed: Composed
+    server: RoundServer  # data loaded, model made, parts set up
+    payload_limit: int  # messages.max_payload_bytes of the model: longer payloads are refused unread
+
+    @property
+    def config_text(self) -> str:
+        return self.composed.config_text
 
 
 def build(composition: Composition, threads: int = 0) -> Built:
-    """Parse ``composition`` like ``fl-sparse run`` and build its Experiment and Simulation."""
-    import gin
+    """Compose ``composition`` as ``fl-sparse run`` does and build its server side."""
+    # torch and the engine load here, not at import: a ClientApp process answering a query never needs them.
     import torch
 
-    from fl_sparse import configs
-    from fl_sparse.engine import Simulation
-    from fl_sparse.experiment import Experiment
-    from fl_sparse.flower.wire import max_payload_bytes
+    from fl_sparse.config.compose import compose
+    from fl_sparse.engine.server import RoundServer
+    from fl_sparse.flower.messages import max_payload_bytes
 
     if threads:
         torch.set_num_threads(threads)
-    configs.parse(composition.algorithm, list(composition.presets), list(composition.bindings))
-    simulation = Simulation(Experiment())
-    return Built(simulation, gin.config_str(), max_payload_bytes(simulation.model.state_dict()))
+    composed = compose(composition.algorithm, composition.presets, composition.bindings)
+    server = RoundServer(composed.experiment)
+    return Built(composed, server, max_payload_bytes(server.model.state_dict()))
 
 
 # A process that serves many messages of one run (Flower's simulation runtime) parses and loads once.

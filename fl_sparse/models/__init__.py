@@ -8,7 +8,7 @@ import gin
 import torch
 from torch import nn
 
-from fl_sparse.errors import ConfigError
+from fl_sparse.core.errors import ConfigError
 from fl_sparse.models.layers import BatchAsChannelsMaxPool2d
 from fl_sparse.models.powerprop import Powerprop  # noqa: F401  (gin-registered: Experiment.reparameterization)
 from fl_sparse.models.resnet import ResNet18

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_sparse.errors import check
-from fl_sparse.interfaces import ModelReparameterization
+from fl_sparse.core.errors import check
+from fl_sparse.core.interfaces import ModelReparameterization
 
 
 class _EffectiveWeight(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """A small timm ``VisionTransformer`` for 32x32 CIFAR images, sized by gin for a 2-core CPU.
 
 Which of its tensors are masked, and how its FLOPs are counted, is decided model-agnostically in
-:func:`fl_sparse.models.maskable_names` and :mod:`fl_sparse.accounting` (docs/design.md, "Sparse masks on
+:func:`fl_sparse.models.maskable_names` and :mod:`fl_sparse.training.accounting` (docs/design.md, "Sparse masks on
 transformers"): the qkv, projection, MLP, patch-embedding and head weights are masked; norms, position
 embedding, class token and biases stay dense; attention's two weightless products count as dense.
 """
@@ -13,7 +13,7 @@ import os
 import gin
 from torch import nn
 
-from fl_sparse.errors import check
+from fl_sparse.core.errors import check
 
 
 @gin.configurable("ViT32")

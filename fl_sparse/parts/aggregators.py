@@ -5,8 +5,8 @@ from __future__ import annotations
 import gin
 import torch
 
-from fl_sparse.errors import check
-from fl_sparse.interfaces import Aggregator, ClientResult, Tensors
+from fl_sparse.core.errors import check
+from fl_sparse.core.interfaces import Aggregator, ClientResult, Tensors
 
 
 @gin.configurable

@@ -1,4 +1,4 @@
-"""Communication codecs: how a :class:`~fl_sparse.interfaces.Message` becomes bytes and back.
+"""Communication codecs: how a :class:`~fl_sparse.core.interfaces.Message` becomes bytes and back.
 
 Pick one per direction in a gin file, e.g. ``Experiment.downlink_codec = @FreezeAware()`` (optionally
 with ``FreezeAware.inner = @SparseIndices()``; the default inner codec is ``AutoSparse()``).
@@ -65,11 +65,11 @@ Values are copied bit for bit: for float32 on the wire, -0.0, subnormals, infini
 (NaN values are transmitted bitwise like any other value) come back unchanged. Masked tensors decode
 with +0.0 (or integer 0) at every coordinate outside the mask.
 
-Decoding validates everything and raises only :class:`~fl_sparse.errors.PayloadError`: wrong magic,
+Decoding validates everything and raises only :class:`~fl_sparse.core.errors.PayloadError`: wrong magic,
 version, codec id, dtype or encoding code, truncation, trailing bytes, non-UTF-8 or duplicate names,
 out-of-range or unsorted indices, bitmask popcount != value count, set padding bits, non-zero values
 outside the mask, a known-mask tensor the receiver holds no mask for (or whose mask's popcount is not the
-value count). Given the receiver's model as ``link.schema`` (:class:`~fl_sparse.interfaces.ModelSchema`), it
+value count). Given the receiver's model as ``link.schema`` (:class:`~fl_sparse.core.interfaces.ModelSchema`), it
 also refuses, before allocating anything, more records than the model has tensors, a name the model lacks,
 and a dtype or shape other than the model's, so that no payload makes the receiver allocate more than a small
 constant times its model's size (``docs/design.md``, "What a receiver checks before it allocates"). Without a
@@ -82,12 +82,12 @@ import gin
 import numpy as np
 import torch
 
-from fl_sparse.errors import ConfigError, PayloadError
-from fl_sparse.interfaces import CommCodec, Link, Message
-from fl_sparse.parts import payload_decoding
-from fl_sparse.parts import payload_format as fmt
-from fl_sparse.parts.payload_format import Encoding
+from fl_sparse.core.errors import ConfigError, PayloadError
+from fl_sparse.core.interfaces import CommCodec, Link, Message
 from fl_sparse.sparse.mask_ops import trainable
+from fl_sparse.wire import decoding as payload_decoding
+from fl_sparse.wire import layout as fmt
+from fl_sparse.wire.layout import Encoding
 
 DEFAULT_MAX_ELEMENTS = 2**28  # 1 GiB of float32 in a single tensor; far above any model trained here
 
@@ -262,9 +262,12 @@ class FreezeAware(CommCodec):
     On the downlink the codec remembers which freeze version each client has received. The first
     payload to a client after the frozen set changed also carries a frozen-part section (``inner``
     encoding ``link.frozen_values`` under ``masks = link.frozen``) and is counted like any other byte;
-    decoding then takes the frozen set and values from that section instead of the link. The record is
-    updated when encoding, and checkpointed with :meth:`state_dict` / :meth:`load_state_dict`.
+    decoding then takes the frozen set and values from that section instead of the link. ``encode`` only
+    reads the record; the sender updates it with :meth:`delivered` once the payload is sent, and it is
+    checkpointed with :meth:`state_dict` / :meth:`load_state_dict`.
     """
+
+    carries_frozen_part = True
 
     def __init__(self, inner: CommCodec | None = None):
         if inner is None:
@@ -313,12 +316,15 @@ class FreezeAware(CommCodec):
         frozen_bytes = None
         if self._owes_frozen_part(link):
             frozen_bytes = self.inner.encode(frozen_part, link)
-            self._delivered[link.client_id] = link.freeze_version
         return fmt.pack_freeze_frame(link.freeze_version, main, frozen_bytes)
 
+    def delivered(self, link: Link) -> None:
+        """The client of a downlink ``link`` now holds the frozen part of ``link.freeze_version``."""
+        if link.direction == "down" and link.freeze_version:
+            self._delivered[link.client_id] = link.freeze_version
+
     def closed_form_size(self, message: Message, link: Link) -> int:
-        """Exact ``len(self.encode(message, link))`` right now (the delivery record is not changed).
-        Needs an inner codec with ``closed_form_size(message)``."""
+        """Exact ``len(self.encode(message, link))``. Needs an inner codec with ``closed_form_size(message)``."""
         _check_link(link)
         if link.freeze_version == 0:
             return self.inner.closed_form_size(message)

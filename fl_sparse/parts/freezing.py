@@ -7,7 +7,7 @@ import warnings
 import gin
 import torch
 
-from fl_sparse.interfaces import FreezePolicy
+from fl_sparse.core.interfaces import FreezePolicy
 
 BEST_TEST_METRIC = "local_accuracy"  # the reference's selection metric: the mean of the clients' test accuracies
 

@@ -19,8 +19,8 @@ import math
 import gin
 import torch
 
-from fl_sparse.errors import check
-from fl_sparse.interfaces import MaskPolicy, RoundContext, SparsitySchedule, Tensors
+from fl_sparse.core.errors import check
+from fl_sparse.core.interfaces import MaskPolicy, RoundContext, SparsitySchedule, Tensors
 from fl_sparse.models import maskable_names
 from fl_sparse.sparse import mask_ops
 from fl_sparse.sparse.budgets import ERK, DensityBudget

@@ -6,8 +6,8 @@ import gin
 import torch
 import torch.nn.functional as F
 
-from fl_sparse.errors import check
-from fl_sparse.interfaces import ClientOptimizer, LocalObjective, Tensors
+from fl_sparse.core.errors import check
+from fl_sparse.core.interfaces import ClientOptimizer, LocalObjective, Tensors
 
 
 @gin.configurable

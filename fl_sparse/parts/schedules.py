@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import gin
 
-from fl_sparse.errors import check
-from fl_sparse.interfaces import Phase, SparsitySchedule
+from fl_sparse.core.errors import check
+from fl_sparse.core.interfaces import Phase, SparsitySchedule
 
 
 def _check_stage(name: str, sparsity: float, differential: float, stage_rounds: int,

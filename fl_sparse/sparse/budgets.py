@@ -13,7 +13,7 @@ import math
 import gin
 import numpy as np
 
-from fl_sparse.errors import check
+from fl_sparse.core.errors import check
 
 Shapes = dict[str, tuple[int, ...]]
 

@@ -2,11 +2,11 @@
 SuperNode whose node config says ``fault-plan="ROUND=FAULT ..."`` damages its reply in those rounds
 (faults: flower_faults.py)."""
 
+from flower_faults import tamper
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import message_size_mod
 
 from fl_sparse.flower import clientapp
-from flower_faults import tamper
 
 app = ClientApp(mods=[message_size_mod])
 app.query()(clientapp.query)

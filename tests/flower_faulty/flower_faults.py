@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from fl_sparse.flower import wire
-from fl_sparse.interfaces import Link, Message as Update
+from fl_sparse.core.interfaces import Link
+from fl_sparse.core.interfaces import Message as Update
+from fl_sparse.flower import messages as wire
 from fl_sparse.parts.codecs import AutoSparse
 
 FAULTS = ("corrupt", "oversized", "wrong-schema", "wrong-round", "extra-record", "inflated-samples")

@@ -1,4 +1,4 @@
-"""Properties of the FLOP and byte accounting (fl_sparse.accounting, and the engine's cumulative counters)."""
+"""Properties of the FLOP and byte accounting (fl_sparse.training.accounting, and the engine's cumulative counters)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import play, simulation
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
 
-from fl_sparse.accounting import forward_macs, training_flops
-from helpers import play, simulation
+from fl_sparse.training.accounting import forward_macs, training_flops
 
 pytestmark = pytest.mark.property
 

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fl_sparse.cli import _parser, main
-from fl_sparse.experiment import Experiment
+from fl_sparse.cli.main import _parser, main
+from fl_sparse.engine.experiment import Experiment
 
 pytestmark = pytest.mark.property
 

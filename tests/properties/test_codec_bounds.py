@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fl_sparse.errors import PayloadError
-from fl_sparse.interfaces import Link, Message, ModelSchema
-from fl_sparse.parts import payload_format as fmt
+from fl_sparse.core.errors import PayloadError
+from fl_sparse.core.interfaces import Link, Message, ModelSchema
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, KnownMaskSparse, SparseBitmask, SparseIndices
+from fl_sparse.wire import layout as fmt
 
 pytestmark = pytest.mark.property
 

@@ -27,17 +27,17 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from codec_helpers import UP, bits
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import HypothesisException
 from hypothesis.extra import numpy as hnp
 
-from fl_sparse.errors import PayloadError
-from fl_sparse.interfaces import Link, Message, ModelSchema
-from fl_sparse.parts import payload_decoding
-from fl_sparse.parts import payload_format as fmt
+from fl_sparse.core.errors import PayloadError
+from fl_sparse.core.interfaces import Link, Message, ModelSchema
 from fl_sparse.parts.codecs import AutoSparse, DenseF32, FreezeAware, SparseBitmask, SparseIndices
-from codec_helpers import UP, bits
+from fl_sparse.wire import decoding as payload_decoding
+from fl_sparse.wire import layout as fmt
 
 pytestmark = pytest.mark.property
 

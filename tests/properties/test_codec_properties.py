@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from codec_helpers import LAYOUT_CODECS, UP, bits
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fl_sparse.interfaces import Link, Message
-from fl_sparse.parts import payload_format as fmt
+from fl_sparse.core.interfaces import Link, Message
 from fl_sparse.parts.codecs import AutoSparse, FreezeAware, SparseIndices, expected_size
-from codec_helpers import LAYOUT_CODECS, UP, bits
+from fl_sparse.wire import layout as fmt
 
 pytestmark = pytest.mark.property
 
@@ -108,6 +108,7 @@ def test_freeze_aware_roundtrips_bitwise_with_and_without_the_frozen_part(messag
     for _ in range(2):  # downlink: first payload carries the frozen part, the second relies on the link
         payload = codec.encode(message, link)
         assert_bitwise_equal_messages(codec.decode(payload, link), expected)
+        codec.delivered(link)
     if direction == "down" and frozen:  # the first payload alone restores the frozen values
         blank = {name: torch.full_like(t, 7) for name, t in message.tensors.items()}
         fresh = FreezeAware(LAYOUT_CODECS[inner]())
@@ -129,9 +130,10 @@ def test_payload_length_equals_the_closed_form(message, dtype):
 def test_freeze_aware_length_equals_its_closed_form(message, data, direction, inner):
     link = Link(direction, 4, frozen_subsets(data.draw, message), dict(message.tensors), 3)
     codec = FreezeAware(LAYOUT_CODECS[inner]())
-    for _ in range(2):
-        size = codec.closed_form_size(message, link)  # before encoding: encoding records the delivery
+    for _ in range(2):  # on the downlink: with the frozen part, then (delivered) without
+        size = codec.closed_form_size(message, link)
         assert len(codec.encode(message, link)) == size
+        codec.delivered(link)
 
 
 def record_sizes(message: Message, cls) -> list[int]:
@@ -176,6 +178,7 @@ def test_freeze_aware_stage_two_payload_is_not_larger_than_without_freezing(mess
         codec = FreezeAware(LAYOUT_CODECS[inner]())
         link = Link(direction, 2, frozen, dict(message.tensors), 1)
         first = codec.encode(message, link)
+        codec.delivered(link)
         stage_two = len(codec.encode(message, link))
         if direction == "down":
             assert len(first) >= stage_two  # the delivery of the frozen part is paid once

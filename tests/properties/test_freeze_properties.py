@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from codec_helpers import bits
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fl_sparse.interfaces import Phase, RoundContext
+from fl_sparse.core.interfaces import Phase, RoundContext
 from fl_sparse.parts.freezing import FreezeAtStage
 from fl_sparse.parts.objectives import SGD
 from fl_sparse.sparse import mask_ops
-from codec_helpers import bits
 
 pytestmark = pytest.mark.property
 

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from codec_helpers import bits
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fl_sparse.sparse import mask_ops
 from fl_sparse.sparse.budgets import ERK, Uniform
-from codec_helpers import bits
 
 pytestmark = pytest.mark.property
 
