@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fl_sparse.cli import flags
 from fl_sparse.cli import flower as flower_cli
+from fl_sparse.cli import study as study_cli
 from fl_sparse.core.errors import ConfigError, FlSparseError, first_line
 from fl_sparse.tracking.store import TrackingError, check_tracking_uri, tracking_uri
 
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                                                     "sqlite:///mlflow.db)")
         command.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
     flower_cli.add_parser(commands)  # imports flwr only when a flower command runs
+    study_cli.add_parser(commands)
     ui = commands.add_parser("ui", help="serve MLflow's UI for the runs on 127.0.0.1 (pip install 'fl-sparse[server]')")
     ui.add_argument("--tracking-uri", help="the store to serve (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
@@ -224,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     try:
-        return {"flower": flower_cli.main, "run": _run, "report": _report, "export": _export, "ui": _ui,
-                "list": lambda _: _list()}[args.command](args)
+        commands = {"run": _run, "report": _report, "export": _export, "ui": _ui, "list": lambda _: _list(),
+                    "flower": flower_cli.main, "study": study_cli.main}
+        return commands[args.command](args)
     except FlSparseError as error:
         print(f"fl-sparse: error: {first_line(error)}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from fl_sparse.core.errors import ConfigError, first_line
 from fl_sparse.engine.experiment import Experiment
 
 ROUNDS_MACRO = "ROUNDS"
+ROUNDS_BINDING = re.compile(r"\s*Experiment\.rounds\s*=\s*(\d+)\s*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +47,14 @@ def compose(algorithm: str, presets: Sequence[str] = (), bindings: Sequence[str]
 
     ``rounds`` sets the run's total rounds: it binds ``ROUNDS`` and, where the composition binds
     ``Experiment.rounds`` to another macro (``pffdst.gin``'s ``PFFDST_ROUNDS``, which its schedule also
-    reads), that macro too, so the schedule follows."""
+    reads), that macro too, so the schedule follows. A binding ``Experiment.rounds = N`` (a number) means the
+    same as ``rounds=N``: the last one given wins."""
     bindings = list(bindings)
+    for binding in list(bindings):
+        match = ROUNDS_BINDING.fullmatch(binding)
+        if match:
+            bindings.remove(binding)
+            rounds = int(match[1])
     if rounds is not None:
         gin_files.parse(algorithm, list(presets), bindings)
         macros = dict.fromkeys([ROUNDS_MACRO, _rounds_macro()])

@@ -65,9 +65,9 @@ def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
     """Runs with evaluations as {(algorithm, column): [per-seed summary]}, with full metric histories."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     keys = [(record.info["algorithm"], _column(record.info["presets"])) for record in records]
-    experiments = defaultdict(set)  # (algorithm, column) -> the experiments its runs come from
+    experiments = defaultdict(set)  # (algorithm, column) -> the experiments (or study groups) its runs come from
     for key, record in zip(keys, records):
-        experiments[key].add(record.info.get("experiment"))
+        experiments[key].add(_source(record))
     for key, record in zip(keys, records):
         history = {key: record.history(key)
                    for key in ("test_accuracy", "local_accuracy", "cumulative_gb", "cumulative_flops")}
@@ -79,11 +79,16 @@ def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
         summary.update(run_id=record.info["run_id"], seed=str(record.info["seed"]),
                        planned=int(planned) if planned.isdigit() else None)
         if len(experiments[key]) > 1:  # a variant and its base run: one row each, named by the experiment
-            key = (key[0], f"{key[1]} · {record.info.get('experiment')}")
+            key = (key[0], f"{key[1]} · {_source(record)}")
         groups[key].append(summary)
     if not groups:
         raise ConfigError("no finished runs with evaluations to report")
     return groups
+
+
+def _source(record: RunRecord) -> str | None:
+    """Where a run comes from: its study group (a study trial's export folder) or its MLflow experiment."""
+    return record.info.get("group") or record.info.get("experiment")
 
 
 def active_seconds(start_ms: int, round_ms: list[int]) -> float:

@@ -32,23 +32,29 @@ class MlflowTracker(Callback):
     per-layer table and the accuracy plots. A resumed run continues the MLflow run its checkpoint names.
     Any failure of the store is raised as one :class:`TrackingError`."""
 
-    def __init__(self, uri: str, experiment_name: str):
+    def __init__(self, uri: str, experiment_name: str, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None, run_id: str | None = None):
+        """``parent_run_id``: nest the run under it (a study's run). ``tags``: more tags to set on a new run.
+        ``run_id``: continue this run when no checkpoint names one (a study trial retried before its first
+        checkpoint)."""
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep the terminal to the progress bar
         # MLflow logs every sqlite OperationalError ("database is locked") with a traceback before raising
         # it; the retry below handles it, and a lasting failure is reported as one TrackingError line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.uri, self.experiment_name = uri, experiment_name
+        self.parent_run_id, self.extra_tags, self.resume_run_id = parent_run_id, dict(tags or {}), run_id
         self.client = self.run = self.run_id = None
         self.last_state = None  # the final global model's mask and frozen set go into layers.md
 
     def on_run_start(self, start: RunStart) -> None:
         composed = start.composed
-        resume_run_id = start.checkpoint_meta.get("mlflow_run_id")
+        resume_run_id = start.checkpoint_meta.get("mlflow_run_id") or self.resume_run_id
         self.open(run_details.run_name(composed.name, list(composed.presets), composed.experiment), resume_run_id)
         if resume_run_id is None:
             tags = run_details.run_tags(composed.name, list(composed.presets), composed.experiment,
                                         str(start.server.device))
-            self.log_config(composed.params, composed.config_text, {**tags, "data": start.server.data.source})
+            self.log_config(composed.params, composed.config_text,
+                            {**tags, "data": start.server.data.source, **self.extra_tags})
 
     def open(self, run_name: str, resume_run_id: str | None = None) -> None:
         """Create or open the store, then start the run (or reopen an interrupted one)."""
@@ -61,7 +67,8 @@ class MlflowTracker(Callback):
                 experiment = self._call("set the experiment", mlflow.set_experiment, self.experiment_name)
                 # the UI opens the experiment as model training, with a chart view against GB
                 self._call("tag the experiment", tag_experiment, self.client, experiment.experiment_id)
-                self.run = self._call("start the run", mlflow.start_run, run_name=run_name)
+                self.run = self._call("start the run", mlflow.start_run, run_name=run_name,
+                                      parent_run_id=self.parent_run_id)
         self.run_id = self.run.info.run_id
 
     def checkpoint_meta(self) -> dict:
@@ -142,3 +149,27 @@ class MlflowTracker(Callback):
         store = self.uri if self.uri.startswith(("sqlite:", "postgresql:", "mysql:")) else Path(self.uri).as_uri()
         return (f"MLflow run {self.run_id}\n  open it: fl-sparse ui --tracking-uri {store}  "
                 f"(pip install 'fl-sparse[server]'), then {run_url(f'http://{HOST}:5000', experiment_id, self.run_id)}")
+
+
+def open_parent_run(uri: str, experiment_name: str, run_id: str | None, tags: dict[str, str]) -> str:
+    """A study's parent run: ``run_id`` reopened (status RUNNING again) if the store still has it, else a new
+    run named after the study. Trials nest under it while it is RUNNING."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "creating tables" lines
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        if run_id is not None:
+            try:
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+            except mlflow.exceptions.MlflowException:  # another store, or the run was deleted
+                pass
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else client.create_experiment(experiment_name))
+        tag_experiment(client, experiment_id)
+        return client.create_run(experiment_id, run_name=experiment_name, tags=tags).info.run_id
+
+
+def close_parent_run(uri: str, run_id: str, finished: bool) -> None:
+    """FINISHED when every trial is done; otherwise KILLED, and the next run of the study reopens it."""
+    mlflow.MlflowClient(uri).set_terminated(run_id, "FINISHED" if finished else "KILLED")
