@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 $(BIN)/fl-sparse: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,flower]'  # flower: tests/test_flower.py's SuperLink and SuperNodes
+	$(BIN)/pip install --quiet -e '.[dev,flower,study]'  # flower: tests/test_flower.py; study: Ray Tune
+	$(BIN)/pip check
 	touch $(BIN)/fl-sparse
 
 install: $(BIN)/fl-sparse

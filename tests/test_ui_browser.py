@@ -24,7 +24,7 @@ from devtools import Chromium, chromium_binary
 
 from fl_sparse.cli.main import main
 from fl_sparse.core.errors import FlSparseError
-from fl_sparse.tracking import ui
+from fl_sparse.tracking import links, ui
 
 try:
     ui.require_server()
@@ -41,7 +41,7 @@ EXPERIMENT = "browser"
 
 def free_port() -> int:
     with socket.socket() as probe:
-        probe.bind((ui.HOST, 0))
+        probe.bind((links.HOST, 0))
         return probe.getsockname()[1]
 
 
@@ -80,7 +80,7 @@ def served(tmp_path_factory):
         assert match, f"fl-sparse ui printed {first!r}; its log: {(folder / 'ui.log').read_text()[-2000:]}"
         server_pid = int(match.group(1))
         assert f"no experiment '{EXPERIMENT}'" in process.stdout.readline()
-        base = f"http://{ui.HOST}:{port}"
+        base = f"http://{links.HOST}:{port}"
         for algorithm, _ in RUNS:  # in this process: one import of torch for both runs
             assert main(["run", algorithm, *FAST, "--tracking-uri", base, "--experiment-name", EXPERIMENT]) == 0
         client = MlflowClient(base)
@@ -108,13 +108,13 @@ def test_runs_list_chart_view_and_run_page_in_chromium(served, tmp_path):
     browser = Chromium(tmp_path / "profile")
     try:
         page = browser.page
-        page.open(ui.runs_url(base, experiment_id))
+        page.open(links.runs_url(base, experiment_id))
         names = " && ".join(f"document.body.innerText.includes({name!r})" for _, name in RUNS)
         page.wait_for(f"!!document.body && {names}", 90, "both run names in the runs list")
         assert page.evaluate("document.body.innerText.includes('Run Name')")  # the training runs table
         page.screenshot(tmp_path / "runs_list.png")
 
-        page.open(ui.runs_url(base, experiment_id, charts=True))  # the accuracy charts against GB
+        page.open(links.runs_url(base, experiment_id, charts=True))  # the accuracy charts against GB
         page.wait_for("""[...document.querySelectorAll('[data-testid=experiment-view-compare-runs-card]')]
             .some(card => card.querySelector('h4')?.textContent === 'test_accuracy'
                           && card.querySelector('.xtitle')?.textContent === 'cumulative_gb')""", 60,
@@ -122,7 +122,7 @@ def test_runs_list_chart_view_and_run_page_in_chromium(served, tmp_path):
         page.screenshot(tmp_path / "accuracy_vs_gb.png")
 
         name, run_id = RUNS[1][1], run_ids[RUNS[1][1]]
-        page.open(ui.run_url(base, experiment_id, run_id))
+        page.open(links.run_url(base, experiment_id, run_id))
         search = 'input[placeholder="Search metric charts"]'  # charts render as they scroll into view
         page.wait_for(f"document.body.innerText.includes('Artifacts') && !!document.querySelector({search!r})",
                       60, "the run page's metric charts")  # the runs page has a search box too, no Artifacts tab

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # devtools.py lives with the test that 
 
 from devtools import Chromium  # noqa: E402
 
-from fl_sparse.tracking import ui  # noqa: E402
+from fl_sparse.tracking import links, ui  # noqa: E402
 
 # Close the assistant side panel and the "You're viewing a shared view" notice: both are dismissable
 # and take a third of the page; what is left is MLflow's page as a user sees it after one click each.
@@ -44,22 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
     experiment = MlflowClient(args.tracking_uri).get_experiment_by_name(args.experiment_name)
-    ui.tag_experiment(MlflowClient(args.tracking_uri), experiment.experiment_id)
+    links.tag_experiment(MlflowClient(args.tracking_uri), experiment.experiment_id)
     with socket.socket() as probe:
-        probe.bind((ui.HOST, 0))
+        probe.bind((links.HOST, 0))
         port = probe.getsockname()[1]
     server = ui.start_server(args.tracking_uri, port)
     browser = None
     try:
         ui.wait_until_ready(server, port)
-        base = f"http://{ui.HOST}:{port}"
+        base = f"http://{links.HOST}:{port}"
         browser = Chromium(Path(tempfile.mkdtemp()) / "profile", width=1500, height=960)
         page = browser.page
         args.out.mkdir(parents=True, exist_ok=True)
         for name, url, ready in [
-            ("mlflow_runs_list.png", ui.runs_url(base, experiment.experiment_id),
+            ("mlflow_runs_list.png", links.runs_url(base, experiment.experiment_id),
              "document.body.innerText.includes('matching run')"),
-            ("mlflow_accuracy_vs_gb.png", ui.runs_url(base, experiment.experiment_id, charts=True),
+            ("mlflow_accuracy_vs_gb.png", links.runs_url(base, experiment.experiment_id, charts=True),
              "document.querySelectorAll('.xtitle').length >= 2"),
         ]:
             page.open(url)

@@ -43,12 +43,16 @@ class _Progress(tune.Callback):
     def __init__(self, progress, trials: list[Trial]):
         self.progress, self.by_key = progress, {trial.key: trial for trial in trials}
 
+    def __getstate__(self) -> dict:  # Tune pickles its run config with the experiment; the view stays here
+        return {"progress": None, "by_key": self.by_key}
+
     @staticmethod
     def _key(trial) -> str:
         return trial.config["trial"]["key"]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.progress.started(self._key(trial))
+        if self.progress is not None:
+            self.progress.started(self._key(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "round" in result:
@@ -73,8 +77,11 @@ def run_on_ray(trials: list[Trial], context: StudyContext, progress, max_failure
     if address is None and os.environ.get("RAY_ADDRESS"):
         raise ConfigError(f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set: pass --ray-address to join that "
                           "cluster, or unset it to start a Ray on this machine")
+    # Ray starts workers at nice 15, which starves trials on a host that does anything else; training is the
+    # point of these workers (as in RayExecutor). A cluster's niceness is the cluster's own setting.
+    local = {} if address else {"_system_config": {"worker_niceness": 0}}
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}})
+             runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}, **local)
     try:
         order = sorted(trials, key=lambda trial: -trial.rounds)  # a grid_search list expands in list order
         resources = {"cpu": context.threads, "gpu": context.gpus}
@@ -84,7 +91,9 @@ def run_on_ray(trials: list[Trial], context: StudyContext, progress, max_failure
             tune.with_resources(_trainable, resources),
             param_space={"trial": tune.grid_search([trial.as_dict() for trial in order]),
                          "context": dataclasses.asdict(context)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=False),
+            # reuse_actors: a worker that finished a trial takes the next one (no new process, no re-imports);
+            # every trial composes its gin config and opens its MLflow run anew, so nothing carries over.
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(name=f"{context.study}-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=str(storage), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
