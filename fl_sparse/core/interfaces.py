@@ -73,6 +73,9 @@ class RoundContext:
 
     phase: Phase
     generator: torch.Generator  # seeded by (seed, stream, round): resuming at round r redraws the same
+    # On the server after aggregation: per masked tensor, how many accepted uploads' masks hold each
+    # coordinate (the clients' votes), computed when called. None on clients.
+    votes: Callable[[], Tensors] | None = None
 
 
 @dataclasses.dataclass
@@ -100,10 +103,15 @@ class MaskPolicy(abc.ABC):
     def initial_mask(self, weights: Tensors, generator: torch.Generator) -> Tensors:
         """Called once before round 1; returns a bool mask per maskable tensor ({} = dense model)."""
 
+    def client_step_epoch(self, ctx: RoundContext, epochs: int) -> int:
+        """After which local epoch (1-based) :meth:`client_step` runs; the epochs after it train under the mask
+        it returns (so weights it grows train before upload). The default: after the last epoch."""
+        return epochs
+
     def client_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors, frozen: Tensors,
                     gradients: Callable[[], Tensors]) -> tuple[Tensors, Tensors]:
-        """Called on each client after local training. ``gradients()`` lazily computes dense gradients
-        of the local loss. May return a changed (weights, mask); the default changes nothing."""
+        """Called on each client after local epoch :meth:`client_step_epoch`. ``gradients()`` lazily computes
+        dense gradients of the local loss. May return a changed (weights, mask); the default changes nothing."""
         return weights, mask
 
     def server_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors,

@@ -20,8 +20,12 @@ from fl_sparse.data.federated import (
     dirichlet_partition,
     federate,
 )
+from fl_sparse.data.partitions import BalancedDirichlet, Partitioner, PerClassDirichlet
 
 __all__ = [
+    "BalancedDirichlet",
+    "Partitioner",
+    "PerClassDirichlet",
     "CIFAR10",
     "CIFAR100",
     "CIFAR_STATS",

@@ -1,4 +1,4 @@
-"""A dataset split over federated clients: Dirichlet label skew, uint8 storage, per-batch normalisation.
+"""A dataset split over federated clients (:mod:`fl_sparse.data.partitions`), uint8 storage, per-batch normalisation.
 
 Images stay uint8 in memory (and on the GPU): 50,000 CIFAR images are 150 MB as uint8 but 600 MB as
 float32, and normalising a batch on the fly costs next to nothing. Clients hold index tensors into the
@@ -14,17 +14,15 @@ Gin entry points (constructors only store and validate; ``load`` reads the data)
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
 from typing import NamedTuple
 
 import gin
-import numpy as np
 import torch
 
-from fl_sparse.core.errors import ConfigError, DataError
+from fl_sparse.core.errors import ConfigError
 from fl_sparse.data.cifar import CifarSplits, load_cifar10, load_cifar100, load_embedded_cifar10
+from fl_sparse.data.partitions import BalancedDirichlet, Partitioner, dirichlet_partition  # noqa: F401
 
 
 class Stats(NamedTuple):
@@ -36,82 +34,6 @@ class Stats(NamedTuple):
 # "std" is not the per-pixel std of CIFAR-10 (that is about 0.247, 0.243, 0.261) but the figure those
 # repositories use. CIFAR-100 deliberately uses the same constants, as those repositories do.
 CIFAR_STATS = Stats(mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
-
-
-def _take_counts(n: int, q: np.ndarray, available: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per-class counts summing to ``n``, drawn from ``q`` and capped by ``available``.
-
-    What a capped class cannot give is redrawn over the classes that still have samples, in proportion
-    to ``q`` (or to what is left, when the client puts no weight on any of them). Each pass takes at
-    least one sample, so the loop ends; in practice it runs a handful of times.
-    """
-    counts = np.minimum(rng.multinomial(n, q), available)
-    while (missing := n - counts.sum()) > 0:
-        room = available - counts
-        weights = np.where(room > 0, q, 0.0)
-        if weights.sum() <= 0:
-            weights = room.astype(np.float64)
-        counts += np.minimum(rng.multinomial(missing, weights / weights.sum()), room)
-    return counts
-
-
-def _class_pools(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> list[np.ndarray]:
-    return [rng.permutation(np.flatnonzero(labels == c)) for c in range(num_classes)]
-
-
-def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
-    if labels.ndim != 1:
-        raise DataError(f"{what} labels have shape {labels.shape}, expected a 1-d tensor")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{what} labels span [{labels.min()}, {labels.max()}], outside num_classes={num_classes}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def dirichlet_partition(train_labels: torch.Tensor, test_labels: torch.Tensor, num_clients: int, alpha: float,
-                        seed: int, num_classes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Balanced-size Dirichlet label skew, as in FedDST.
-
-    Every client gets ``len(train) // num_clients`` train and ``len(test) // num_clients`` local-test
-    samples, without replacement (clients are disjoint). Client c's label proportions are
-    ``q_c ~ Dirichlet(alpha * ones(num_classes))``; its per-class counts are drawn from ``q_c`` and taken
-    from shuffled per-class pools, with exhausted classes' share redrawn over the remaining classes in
-    proportion to ``q_c``. The local test split uses the same ``q_c`` on the test pools, so it follows
-    the client's label distribution. Small alpha: few classes per client; large alpha: near uniform.
-    Returns sorted int64 index tensors (train, test), one per client.
-    """
-    train = np.asarray(torch.as_tensor(train_labels).cpu(), dtype=np.int64)
-    test = np.asarray(torch.as_tensor(test_labels).cpu(), dtype=np.int64)
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
-    _check_labels(train, num_classes, "train")
-    _check_labels(test, num_classes, "test")
-    if not _is_int(num_clients) or not 1 <= num_clients <= len(train):
-        raise ConfigError(f"num_clients must be an integer in [1, {len(train)}] (the number of training "
-                          f"samples), got {num_clients!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (alpha > 0 and math.isfinite(alpha)):
-        raise ConfigError(f"alpha (Dirichlet concentration) must be a finite number > 0, got {alpha!r}")
-
-    num_clients, num_classes = int(num_clients), int(num_classes)
-    rng = np.random.default_rng(seed)
-    pools = {"train": _class_pools(train, num_classes, rng), "test": _class_pools(test, num_classes, rng)}
-    used = {split: np.zeros(num_classes, dtype=np.int64) for split in pools}  # next free slot per pool
-    size = {"train": len(train) // num_clients, "test": len(test) // num_clients}
-    out: dict[str, list[torch.Tensor]] = {"train": [], "test": []}
-    for _ in range(num_clients):
-        q = rng.dirichlet(np.full(num_classes, float(alpha)))
-        if not np.all(np.isfinite(q)) or q.sum() <= 0:  # underflow at tiny alpha: all mass on one class
-            q = np.eye(num_classes)[rng.integers(num_classes)]
-        for split, split_pools in pools.items():
-            available = np.array([len(p) for p in split_pools]) - used[split]
-            counts = _take_counts(size[split], q, available, rng)
-            taken = [split_pools[c][used[split][c]:used[split][c] + counts[c]] for c in np.flatnonzero(counts)]
-            used[split] += counts
-            idx = np.sort(np.concatenate(taken)) if taken else np.zeros(0, dtype=np.int64)
-            out[split].append(torch.from_numpy(idx.astype(np.int64)))
-    return out["train"], out["test"]
 
 
 @dataclasses.dataclass
@@ -160,13 +82,21 @@ class FederatedData:
 
 
 def federate(splits: CifarSplits, source: str, num_clients: int, alpha: float, seed: int,
-             stats: Stats = CIFAR_STATS) -> FederatedData:
-    """Partition loaded splits over clients (see :func:`dirichlet_partition`)."""
-    client_train, client_test = dirichlet_partition(splits.train_y, splits.test_y, num_clients, alpha, seed,
-                                                    splits.num_classes)
+             stats: Stats = CIFAR_STATS, partition: Partitioner | None = None) -> FederatedData:
+    """Partition loaded splits over clients (default: :func:`dirichlet_partition`)."""
+    client_train, client_test = (partition or BalancedDirichlet()).split(splits.train_y, splits.test_y,
+                                                                         num_clients, alpha, seed, splits.num_classes)
     return FederatedData(splits.train_x, splits.train_y, splits.test_x, splits.test_y, client_train, client_test,
                          splits.num_classes, source, torch.tensor(stats.mean).view(1, 3, 1, 1),
                          torch.tensor(stats.std).view(1, 3, 1, 1))
+
+
+def _check_partition(name: str, partition) -> Partitioner:
+    if partition is None:
+        return BalancedDirichlet()
+    if not isinstance(partition, Partitioner):
+        raise ConfigError(f"{name}.partition={partition!r} must be a partitioner, e.g. @PerClassDirichlet()")
+    return partition
 
 
 def _check_data_dir(name: str, data_dir, required: bool) -> str | None:
@@ -185,8 +115,9 @@ class CIFAR10:
     """CIFAR-10 from ``data_dir`` (root with ``cifar-10-batches-py`` or that folder), or, with
     ``data_dir=None``, the embedded class-balanced subset (2,000 train / 500 test real images)."""
 
-    def __init__(self, data_dir: str | None = None):
+    def __init__(self, data_dir: str | None = None, partition: Partitioner | None = None):
         self.data_dir = _check_data_dir("CIFAR10", data_dir, required=False)
+        self.partition = _check_partition("CIFAR10", partition)
 
     def load(self, num_clients: int, alpha: float, seed: int) -> FederatedData:
         if self.data_dir is None:
@@ -195,16 +126,17 @@ class CIFAR10:
         else:
             splits = load_cifar10(self.data_dir)
             source = f"CIFAR-10 from {splits.path}"
-        return federate(splits, source, num_clients, alpha, seed)
+        return federate(splits, source, num_clients, alpha, seed, partition=self.partition)
 
 
 @gin.configurable
 class CIFAR100:
     """CIFAR-100 (fine labels) from ``data_dir`` (root with ``cifar-100-python`` or that folder); required."""
 
-    def __init__(self, data_dir: str | None = None):
+    def __init__(self, data_dir: str | None = None, partition: Partitioner | None = None):
         self.data_dir = _check_data_dir("CIFAR100", data_dir, required=True)
+        self.partition = _check_partition("CIFAR100", partition)
 
     def load(self, num_clients: int, alpha: float, seed: int) -> FederatedData:
         splits = load_cifar100(self.data_dir)
-        return federate(splits, f"CIFAR-100 from {splits.path}", num_clients, alpha, seed)
+        return federate(splits, f"CIFAR-100 from {splits.path}", num_clients, alpha, seed, partition=self.partition)

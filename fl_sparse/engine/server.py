@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from fl_sparse.core.errors import check
 from fl_sparse.core.interfaces import ClientResult, Link, Message, ModelSchema, RoundContext, Tensors
 from fl_sparse.core.rng import generator
 from fl_sparse.core.state import ServerState
@@ -29,6 +30,10 @@ class RoundServer:
         self.experiment = exp = experiment
         self.device = exp.torch_device
         self.data = exp.dataset.load(exp.num_clients, exp.dirichlet_alpha, exp.stream_seed("partition")).to(self.device)
+        # A partitioner may drop clients left without data (PerClassDirichlet); the rest are sampled.
+        check(self.data.num_clients >= exp.clients_per_round,
+              f"the partition left {self.data.num_clients} of {exp.num_clients} clients with data, fewer than "
+              f"Experiment.clients_per_round={exp.clients_per_round}; lower it or raise dirichlet_alpha")
         torch.manual_seed(int(generator(exp.stream_seed("init"), "init").initial_seed()))
         model = exp.model(self.data.num_classes)
         self.model = (exp.reparameterization(model) if exp.reparameterization else model).to(self.device)
@@ -45,7 +50,8 @@ class RoundServer:
 
     def sample_clients(self, round: int) -> list[int]:
         exp = self.experiment
-        order = torch.randperm(exp.num_clients, generator=generator(exp.stream_seed("sampling"), "sampling", round))
+        order = torch.randperm(self.data.num_clients,
+                               generator=generator(exp.stream_seed("sampling"), "sampling", round))
         return sorted(order[:exp.clients_per_round].tolist())
 
     # The round's steps, shared by play_round (in-process clients) and fl_sparse.flower (remote clients).
@@ -151,6 +157,7 @@ class RoundServer:
             weights, mask = exp.freeze_policy.stage_start_model(ctx, weights, mask, evaluate_aggregated)
             frozen = exp.freeze_policy.server_step(ctx, weights, mask, frozen)
             freeze_version += frozen is not state.frozen
+            ctx = dataclasses.replace(ctx, votes=functools.partial(_votes, uploads))
             weights, mask = exp.mask_policy.server_step(ctx, weights, mask, frozen)
         else:
             warnings.warn(f"round {r}: every client update was rejected; the global model is unchanged",
@@ -186,6 +193,15 @@ def _invalid_update(upload: ClientResult, weights: Tensors) -> str | None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return f"{name} contains NaN or Inf"
     return None
+
+
+def _votes(uploads: list[ClientResult]) -> Tensors:
+    """Per masked tensor, the number of uploads whose mask holds each coordinate."""
+    votes: Tensors = {}
+    for upload in uploads:
+        for name, held in upload.mask.items():
+            votes[name] = votes[name] + held.to(torch.int32) if name in votes else held.to(torch.int32)
+    return votes
 
 
 def _weighted_loss(results: list[ClientResult]) -> float:

@@ -31,6 +31,18 @@ def maskable_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(params[name].shape) for name in maskable_names(model)}
 
 
+def dense_sizes(model: torch.nn.Module) -> dict[str, int]:
+    """Per masked tensor (``x.weight``), the size of its layer's other parameters (``x.bias``), for budgets
+    that count them."""
+    params = dict(model.named_parameters())
+    return {name: sum(p.numel() for other, p in params.items()
+                      if other.rsplit(".", 1)[0] == name.rsplit(".", 1)[0] and other != name)
+            for name in maskable_names(model)}
+
+
+INITIAL_MASKS = ("random", "magnitude")
+
+
 @gin.configurable
 class NoMask(MaskPolicy):
     """Dense training: no tensor is masked."""
@@ -42,23 +54,33 @@ class NoMask(MaskPolicy):
 class BudgetedMask(MaskPolicy):
     """Shared machinery: the run's schedule, a per-layer budget and the set of masked tensors."""
 
-    def __init__(self, budget: DensityBudget | None):
-        self.budget = budget or ERK()
+    def __init__(self, budget: DensityBudget | None, initial: str = "random"):
+        check(initial in INITIAL_MASKS, f"{type(self).__name__}.initial={initial!r} must be one of "
+                                        f"{', '.join(map(repr, INITIAL_MASKS))}")
+        self.budget, self.initial = budget or ERK(), initial
         self.schedule: SparsitySchedule | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.unmasked: dict[str, int] = {}
 
     def setup(self, model, schedule):
-        self.shapes = maskable_shapes(model)
+        self.shapes, self.unmasked = maskable_shapes(model), dense_sizes(model)
         self.schedule = schedule
 
     def counts(self, sparsity: float) -> dict[str, int]:
-        return self.budget.counts(self.shapes, sparsity)
+        return self.budget.counts(self.shapes, sparsity, self.unmasked)
 
     def initial_mask(self, weights, generator):
+        """The budget's count per layer at the initial sparsity: ``initial = "random"`` draws the positions at
+        random; ``"magnitude"`` keeps each layer's largest initial weights, as the FedDST and PFFDST code
+        does (``dst.py:496``, ``layer_prune`` of the dense initialisation; ties go to the lower index)."""
         empty = {name: torch.zeros(shape, dtype=torch.bool, device=weights[name].device)
                  for name, shape in self.shapes.items()}
         counts = self.counts(self.schedule.initial_sparsity())
-        return mask_ops.grow_to(weights, empty, counts, mask_ops.random_scores(empty, generator))[1]
+        if self.initial == "magnitude":
+            scores = {name: weights[name].detach().abs() for name in self.shapes}
+        else:
+            scores = mask_ops.random_scores(empty, generator)
+        return mask_ops.grow_to(weights, empty, counts, scores)[1]
 
     def grow_for_next_stage(self, ctx: RoundContext, weights: Tensors, mask: Tensors) -> tuple[Tensors, Tensors]:
         """At a stage boundary, grow at random to the next stage's starting density (Algorithm 2)."""
@@ -72,8 +94,8 @@ class BudgetedMask(MaskPolicy):
 class RandomMask(BudgetedMask):
     """A random mask drawn once at the schedule's initial sparsity and never changed."""
 
-    def __init__(self, budget: DensityBudget | None = None):
-        super().__init__(budget)
+    def __init__(self, budget: DensityBudget | None = None, initial: str = "random"):
+        super().__init__(budget, initial)
 
 
 @gin.configurable
@@ -86,8 +108,8 @@ class ServerReadjust(BudgetedMask):
     are never pruned.
     """
 
-    def __init__(self, budget: DensityBudget | None = None):
-        super().__init__(budget)
+    def __init__(self, budget: DensityBudget | None = None, initial: str = "random"):
+        super().__init__(budget, initial)
 
     def server_step(self, ctx, weights, mask, frozen):
         phase = ctx.phase
@@ -114,17 +136,36 @@ class ClientReadjust(BudgetedMask):
 
     Regrown weights arrive at the server as exactly 0 and average to 0, so when the union holds fewer
     non-zero weights than the target count, the server prune must keep some zero-valued coordinates, all
-    tied. By default the lower flat index wins (deterministic, but a positional bias: the first rows of a
-    layer). ``random_tie_break = True`` (opt-in) draws them at random from the round's seeded generator
-    instead. Neither FedDST's paper nor its code chooses by a score: the reference prunes with
-    ``torch.topk`` over the whole tensor, whose order among equal values is unspecified. The clients'
-    growth scores (|gradient|) never reach the server: the uplink carries weights and masks only.
+    tied. ``tie_break`` chooses among them: ``"index"`` (default) the lower flat index (deterministic, but a
+    positional bias: the first rows of a layer); ``"random"`` a draw from the round's seeded generator
+    (``random_tie_break = True`` is the same); ``"votes"`` the coordinate more clients proposed (held in
+    their uploaded masks), then the lower index, which is how the PFFDST paper describes FedDST's server
+    deciding. The reference prunes with ``torch.topk`` over the whole tensor, whose order among equal values
+    is unspecified. The clients' growth scores (|gradient|) never reach the server: the uplink carries
+    weights and masks only.
+
+    ``readjust_epoch`` (default None: after the last local epoch) readjusts after that local epoch instead,
+    so grown weights train in the remaining epochs before upload and arrive non-zero, as in the authors' code
+    where clients mostly readjust after local epoch 1 or 2.
     """
 
-    def __init__(self, ratio: float = 0.01, budget: DensityBudget | None = None, random_tie_break: bool = False):
+    TIE_BREAKS = ("index", "random", "votes")
+
+    def __init__(self, ratio: float = 0.01, budget: DensityBudget | None = None, random_tie_break: bool = False,
+                 initial: str = "random", tie_break: str = "index", readjust_epoch: int | None = None):
         check(0.0 <= ratio <= 1.0, f"ClientReadjust.ratio={ratio} must lie in [0, 1] (FedDST uses 0.01)")
-        super().__init__(budget)
-        self.ratio, self.random_tie_break = ratio, bool(random_tie_break)
+        check(tie_break in self.TIE_BREAKS, f"ClientReadjust.tie_break={tie_break!r} must be one of "
+                                            f"{', '.join(map(repr, self.TIE_BREAKS))}")
+        check(readjust_epoch is None or (isinstance(readjust_epoch, int) and readjust_epoch >= 1),
+              f"ClientReadjust.readjust_epoch={readjust_epoch!r} must be None (the last epoch) or an epoch >= 1")
+        super().__init__(budget, initial)
+        self.ratio, self.readjust_epoch = ratio, readjust_epoch
+        self.tie_break = "random" if random_tie_break else tie_break
+
+    def client_step_epoch(self, ctx, epochs):
+        if self.readjust_epoch is None or not ctx.phase.readjust:
+            return epochs
+        return min(self.readjust_epoch, epochs)
 
     def decayed_ratio(self, progress: float) -> float:
         return self.ratio / 2.0 * (1.0 + math.cos(math.pi * progress))
@@ -147,8 +188,10 @@ class ClientReadjust(BudgetedMask):
         return mask_ops.grow_to(pruned_weights, pruned_mask, before, scores, exclude=mask)
 
     def server_step(self, ctx, weights, mask, frozen):
-        tie_break = ctx.generator if self.random_tie_break else None
-        weights, mask = mask_ops.prune_to(weights, mask, self.counts(ctx.phase.sparsity), frozen, tie_break=tie_break)
+        tie_break = ctx.generator if self.tie_break == "random" else None
+        votes = ctx.votes() if self.tie_break == "votes" and ctx.votes is not None else None
+        weights, mask = mask_ops.prune_to(weights, mask, self.counts(ctx.phase.sparsity), frozen,
+                                          tie_break=tie_break, secondary=votes)
         return self.grow_for_next_stage(ctx, weights, mask)
 
 

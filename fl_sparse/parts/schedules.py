@@ -43,14 +43,18 @@ class Readjusting(SparsitySchedule):
     """One stage: readjust every ``readjust_every`` rounds until ``readjust_until``, then fix the mask.
 
     ``differential`` is the PFFDST differential sparsity f (0 for FedDST, which keeps density 1 - s;
-    None for the paper's f = (1 - s)/4). ``readjust_until`` defaults to ``rounds * until_fraction``.
+    None for f = (1 - s) * ``differential_ratio``, the paper's (1 - s)/4 by default; the PFFDST authors' code
+    runs w/o PF with 0.5, the readjustment ratio the paper recommends). ``readjust_until`` defaults to
+    ``rounds * until_fraction``.
     """
 
     def __init__(self, sparsity: float = gin.REQUIRED, rounds: int = gin.REQUIRED,
                  differential: float | None = 0.0, readjust_every: int = 10, readjust_until: int | None = None,
-                 until_fraction: float = 0.25):
+                 until_fraction: float = 0.25, differential_ratio: float = 0.25):
+        check(0.0 < differential_ratio <= 1.0, f"Readjusting.differential_ratio={differential_ratio} must lie "
+                                               "in (0, 1]: f = (1 - s) * ratio")
         if differential is None:
-            differential = (1.0 - sparsity) / 4.0
+            differential = (1.0 - sparsity) * differential_ratio
         self.stage_rounds = self.total_rounds = rounds
         self.readjust_until = (max(1, int(rounds * until_fraction)) if readjust_until is None
                                else readjust_until)
@@ -90,9 +94,11 @@ class TwoStage(Readjusting):
     def __init__(self, sparsity: float = gin.REQUIRED, rounds: int = gin.REQUIRED,
                  stage1_sparsity: float | None = None, differential: float | None = None,
                  readjust_every: int = 10, readjust_until: int | None = None, until_fraction: float = 0.25,
-                 reference_schedule: bool = False):
+                 reference_schedule: bool = False, differential_ratio: float = 0.25):
+        check(0.0 < differential_ratio <= 1.0, f"TwoStage.differential_ratio={differential_ratio} must lie in "
+                                               "(0, 1]: f = (1 - s) * ratio")
         stage1 = (1.0 + sparsity) / 2.0 if stage1_sparsity is None else stage1_sparsity
-        f = (1.0 - sparsity) / 4.0 if differential is None else differential
+        f = (1.0 - sparsity) * differential_ratio if differential is None else differential
         check(0.0 <= sparsity < 1.0, f"TwoStage: sparsity {sparsity} is outside [0, 1); use e.g. --sparsity 0.8")
         check(stage1 > sparsity, f"TwoStage.stage1_sparsity={stage1} must be > s2={sparsity}: stage 2 "
                                  "trains the weights added on top of the frozen stage-1 ones")

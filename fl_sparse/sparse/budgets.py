@@ -34,9 +34,10 @@ def _split_exactly(total: int, raw: dict[str, float], sizes: dict[str, int]) -> 
 
 
 class DensityBudget:
-    """Turns a global sparsity into an exact kept count per masked tensor."""
+    """Turns a global sparsity into an exact kept count per masked tensor. ``unmasked`` (optional) gives, per
+    masked tensor, the size of the dense parameters of its layer (its bias), for budgets that count them."""
 
-    def counts(self, shapes: Shapes, sparsity: float) -> dict[str, int]:
+    def counts(self, shapes: Shapes, sparsity: float, unmasked: dict[str, int] | None = None) -> dict[str, int]:
         check(0.0 <= sparsity < 1.0, f"sparsity {sparsity} is outside [0, 1); use e.g. 0.8")
         sizes = {name: math.prod(shape) for name, shape in shapes.items()}
         target = round((1.0 - sparsity) * sum(sizes.values()))
@@ -57,7 +58,8 @@ class Uniform(DensityBudget):
 
 @gin.configurable
 class ERK(DensityBudget):
-    """Erdos-Renyi-Kernel: density proportional to sum(dims) / prod(dims), as in RigL and FedDST.
+    """Erdos-Renyi-Kernel as in RigL: density proportional to sum(dims) / prod(dims), solved on densities.
+    (The FedDST and PFFDST code scales the ERK *sparsities* instead: :class:`ScaledERKSparsity`.)
 
     Layers whose density would exceed 1 become dense and the scale is solved again for the rest.
     """
@@ -79,6 +81,32 @@ class ERK(DensityBudget):
             dense.update(saturated)
         return {name: float(sizes[name]) if name in dense else scale * score[name] * sizes[name]
                 for name in shapes}
+
+
+@gin.configurable
+class ScaledERKSparsity(DensityBudget):
+    """The FedDST and PFFDST authors' "ERK" (``bibikar/feddst`` ``models.py:101-154``, ``_weights_by_layer``):
+    each layer's ERK *sparsity* ``s_l = 1 - sum(dims) / prod(dims)`` is scaled by one factor so that the
+    parameter-weighted mean sparsity is the target, and a layer keeps ``floor((1 - c * s_l) * n_l)`` weights.
+    It comes out nearly uniform (LeNet at s = 0.8: conv1 .229, conv2 .205, fc1 .200, fc2 .211, fc3 .286),
+    where :class:`ERK` keeps conv1 and fc3 almost dense.
+
+    ``count_biases`` (default True, as the authors): ``n_l`` counts the layer's bias with its weight
+    (``layer.named_parameters()``), in the scaling and in the kept count, while only the weight is masked,
+    so a layer keeps a few weights more than its density times its weights. The per-layer floor means the
+    total is not rounded to the global target exactly (it is at most one weight per layer below it)."""
+
+    def __init__(self, count_biases: bool = True):
+        self.count_biases = bool(count_biases)
+
+    def counts(self, shapes, sparsity, unmasked=None):
+        check(0.0 <= sparsity < 1.0, f"sparsity {sparsity} is outside [0, 1); use e.g. 0.8")
+        sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+        n = {name: sizes[name] + ((unmasked or {}).get(name, 0) if self.count_biases else 0) for name in shapes}
+        raw = {name: 1.0 - sum(shape) / sizes[name] for name, shape in shapes.items()}
+        weighted = sum(raw[name] * n[name] for name in shapes)
+        scale = sparsity * sum(n.values()) / weighted if weighted > 0 else 0.0
+        return {name: min(sizes[name], max(0, math.floor((1.0 - scale * raw[name]) * n[name]))) for name in shapes}
 
 
 def densities(counts: dict[str, int], shapes: Shapes) -> dict[str, float]:

@@ -21,9 +21,10 @@ Tensors = dict[str, torch.Tensor]
 
 
 def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int,
-                   tie_break: torch.Generator | None = None) -> torch.Tensor:
+                   tie_break: torch.Generator | None = None, secondary: torch.Tensor | None = None) -> torch.Tensor:
     """Flat indices of the k highest scores among eligible coordinates. The lower index wins ties, or, with
-    ``tie_break``, a uniformly random subset of the tied coordinates drawn from that generator."""
+    ``tie_break``, a uniformly random subset of the tied coordinates drawn from that generator, or, with
+    ``secondary``, the higher secondary score (then the lower index)."""
     candidates = eligible.flatten().nonzero().squeeze(1)
     if k <= 0 or candidates.numel() == 0:
         return candidates[:0]
@@ -36,7 +37,10 @@ def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int,
     above = candidate_scores > threshold
     ties = (candidate_scores == threshold).nonzero().squeeze(1)
     needed = k - int(above.sum())
-    if tie_break is not None and ties.numel() > needed:
+    if secondary is not None and ties.numel() > needed:
+        tied_scores = secondary.flatten()[candidates[ties]].float()
+        ties = ties[torch.sort(tied_scores, descending=True, stable=True).indices]
+    elif tie_break is not None and ties.numel() > needed:
         ties = ties[torch.randperm(ties.numel(), generator=tie_break).to(ties.device)]
     ties = ties[:needed]
     chosen = above.clone()
@@ -45,11 +49,13 @@ def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int,
 
 
 def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Tensors | None = None,
-             scores: Tensors | None = None, tie_break: torch.Generator | None = None) -> tuple[Tensors, Tensors]:
+             scores: Tensors | None = None, tie_break: torch.Generator | None = None,
+             secondary: Tensors | None = None) -> tuple[Tensors, Tensors]:
     """Keep exactly ``counts[name]`` active coordinates per masked tensor (fewer if fewer are active).
 
     Scores default to |weight|. Frozen coordinates are always kept. Ties at the cut go to the lower flat
-    index, or with ``tie_break`` to a random draw from that generator (tensors in ``mask`` order).
+    index, or with ``tie_break`` to a random draw from that generator (tensors in ``mask`` order), or with
+    ``secondary`` to the higher secondary score of the tensor (then the lower index).
     """
     frozen = frozen or {}
     new_weights, new_mask = dict(weights), dict(mask)
@@ -59,7 +65,7 @@ def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Te
         locked = frozen.get(name, torch.zeros_like(active))
         score = (scores or {}).get(name, weights[name].abs())
         keep_free = max(0, counts[name] - int(locked.sum()))
-        kept = _top_positions(score, active & ~locked, keep_free, tie_break)
+        kept = _top_positions(score, active & ~locked, keep_free, tie_break, (secondary or {}).get(name))
         pruned_mask = locked.clone().flatten()
         pruned_mask[kept] = True
         pruned_mask = pruned_mask.view_as(active)

@@ -122,20 +122,39 @@ def client_batches(data: FederatedData, indices: torch.Tensor,
 
 
 def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> ClientResult:
-    """E epochs of SGD under ``trainable = mask & ~frozen``, then the mask policy's client step."""
+    """E epochs of SGD under ``trainable = mask & ~frozen``, with the mask policy's client step after epoch
+    ``client_step_epoch`` (default: the last); later epochs train under the mask it returned."""
     params, buffers = job.split(task.weights)
     buffers = {name: b.clone() for name, b in buffers.items()}  # BatchNorm updates running stats in place
     global_params = {name: p.detach() for name, p in params.items()}
-    allowed = {name: gate.to(params[name].dtype) for name, gate in trainable(task.mask, task.frozen).items()}
+    mask = task.mask
+    allowed = {name: gate.to(params[name].dtype) for name, gate in trainable(mask, task.frozen).items()}
     params = {name: p.clone() for name, p in params.items()}  # ours to update in place (tasks share weights)
     state = job.optimizer.init(params)
     step = job.grads_and_loss
     losses = []
     batches = batch_positions(task, job.epochs, job.batch_size)
-    for inputs, labels in client_batches(job.data, task.indices, batches):
+    step_after = len(batches) // job.epochs * job.mask_policy.client_step_epoch(ctx, job.epochs)
+    for index, (inputs, labels) in enumerate(client_batches(job.data, task.indices, batches), 1):
         grads, loss = step(params, buffers, global_params, inputs, labels)
         params, state = job.optimizer.step_in_place(params, grads, state, allowed)  # grads are fresh: ours too
         losses.append(loss)
+        if index == step_after and index < len(batches):  # readjust now; the rest trains under the new mask
+            weights, mask = _client_step(job, ctx, task, params, buffers, global_params, mask)
+            params = {name: weights[name].clone() for name in params}
+            allowed = {name: gate.to(params[name].dtype) for name, gate in trainable(mask, task.frozen).items()}
+    if step_after >= len(batches):
+        weights, mask = _client_step(job, ctx, task, params, buffers, global_params, mask)
+    else:
+        weights = {**params, **buffers}
+    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    return ClientResult(task.client_id, weights, mask, len(task.indices), mean_loss)
+
+
+def _client_step(job: TrainingJob, ctx: RoundContext, task: ClientTask, params: Tensors, buffers: Tensors,
+                 global_params: Tensors, mask: Tensors) -> tuple[Tensors, Tensors]:
+    """The mask policy's client step at the current weights, with the local loss's gradient on demand."""
+    step = job.grads_and_loss
     weights = {**params, **buffers}
 
     def gradients() -> Tensors:
@@ -148,9 +167,7 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
                 total[name] += grads[name] * (len(labels) / len(task.indices))
         return total
 
-    weights, mask = job.mask_policy.client_step(ctx, weights, task.mask, task.frozen, gradients)
-    mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-    return ClientResult(task.client_id, weights, mask, len(task.indices), mean_loss)
+    return job.mask_policy.client_step(ctx, weights, mask, task.frozen, gradients)
 
 
 @torch.no_grad()
