@@ -170,8 +170,8 @@ def test_union_average_with_absent_as_zero_is_plain_fedavg():
     assert torch.allclose(holders_only["w"], torch.tensor([4.0, 5.0, 0.0]))
 
 
-def test_sparsyfed_rounds_keep_the_first_layer_dense_and_the_rest_at_the_target():
-    sim = simulation("sparsyfed", rounds=3)
+def test_the_exact_density_variant_keeps_the_first_layer_dense_and_the_rest_at_the_target():
+    sim = simulation("sparsyfed_exact_density", rounds=3)
     policy = sim.experiment.mask_policy
     assert policy.pruned_names == ["conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]
     start = sim.initial_state()

@@ -175,6 +175,7 @@ class RoundServer:
             "flops": flops, "cumulative_flops": new_state.cumulative_flops,
             "stage": float(ctx.phase.stage), "round_seconds": time.perf_counter() - started,
             **_density_metrics(mask, frozen),
+            **_turnover_metrics(state.weights, weights, mask),
         }
         return new_state, metrics
 
@@ -207,6 +208,19 @@ def _votes(uploads: list[ClientResult]) -> Tensors:
 def _weighted_loss(results: list[ClientResult]) -> float:
     total = sum(r.num_samples for r in results)
     return sum(r.train_loss * r.num_samples for r in results) / total if total else float("nan")
+
+
+def _turnover_metrics(before: Tensors, after: Tensors, mask: Tensors) -> dict[str, float]:
+    """How the global model's support moved this round, over the masked tensors: weights regrown (zero in the
+    previous global model, non-zero now) and weights dropped (non-zero before, zero now); none for dense runs."""
+    if not mask:
+        return {}
+    regrown = dropped = 0
+    for name in mask:
+        was, now = before[name] != 0, after[name] != 0
+        regrown += int((~was & now).sum())
+        dropped += int((was & ~now).sum())
+    return {"weights_regrown": float(regrown), "weights_dropped": float(dropped)}
 
 
 def _density_metrics(mask: Tensors, frozen: Tensors) -> dict[str, float]:

@@ -150,19 +150,24 @@ class PowerpropLinear(_PowerpropLayer, nn.Linear):
 class Powerprop(ModelReparameterization):
     """Turns a model's ``nn.Conv2d`` / ``nn.Linear`` layers into their Powerprop versions, in place.
 
-    The parameters are re-initialised as ``v = sign(w0) * |w0| ** (1 / beta)`` from the model's own
-    initial weights ``w0``, so the effective weights start as the base model's (what SparsyFed's code does
-    with its truncated-normal init). Gin: ``Experiment.reparameterization = @Powerprop()``.
+    The parameters are re-initialised as ``v = sign(w0) * |w0| ** (1 / beta)`` from initial weights ``w0``,
+    so the effective weights start at ``w0``. ``init = "base"`` (default) takes ``w0`` from the model as built
+    (PyTorch's default, std 1/sqrt(3 fan_in)); ``init = "truncated_normal"`` first redraws every conv and
+    linear weight from a normal of std 1/sqrt(fan_in) truncated at two standard deviations, SparsyFed's
+    initialisation (1.7x the default's spread; the truncation at 2 std is the Powerprop reference's Haiku
+    initialiser, not checked in SparsyFed's PyTorch code). Gin: ``Experiment.reparameterization = @Powerprop()``.
     """
 
     LAYERS = {nn.Conv2d: PowerpropConv2d, nn.Linear: PowerpropLinear}
+    INITS = ("base", "truncated_normal")
 
-    def __init__(self, beta: float = 1.25, prune_activations: bool = True):
+    def __init__(self, beta: float = 1.25, prune_activations: bool = True, init: str = "base"):
         check(beta >= 1.0, f"Powerprop.beta={beta} must be >= 1 (SparsyFed uses 1.25; 1 is no re-parameterisation)")
-        self.beta, self.prune_activations = float(beta), bool(prune_activations)
+        check(init in self.INITS, f"Powerprop.init={init!r} must be one of {', '.join(map(repr, self.INITS))}")
+        self.beta, self.prune_activations, self.init = float(beta), bool(prune_activations), init
 
     def __repr__(self) -> str:
-        return f"Powerprop(beta={self.beta}, prune_activations={self.prune_activations})"
+        return f"Powerprop(beta={self.beta}, prune_activations={self.prune_activations}, init={self.init!r})"
 
     def __call__(self, model: nn.Module) -> nn.Module:
         for module in model.modules():
@@ -175,5 +180,8 @@ class Powerprop(ModelReparameterization):
             module.__class__ = powerprop_class  # a subclass adding no state: the parameters stay as they are
             module.beta, module.prune_activations = self.beta, self.prune_activations
             with torch.no_grad():
+                if self.init == "truncated_normal":  # drawn from torch's global generator, seeded per run
+                    std = 1.0 / math.sqrt(module.weight[0].numel())  # fan_in = in_channels * kernel area
+                    nn.init.trunc_normal_(module.weight, std=std, a=-2.0 * std, b=2.0 * std)
                 module.weight.copy_(torch.sign(module.weight) * module.weight.abs().pow(1.0 / self.beta))
         return model

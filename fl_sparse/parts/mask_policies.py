@@ -200,18 +200,20 @@ class ClientTopK(MaskPolicy):
     """SparsyFed's mask (Guastella et al., ICLR 2025): global magnitude top-k, on clients and on the server.
 
     The model starts dense. After local training each client keeps its ``(1 - s) * P`` largest weights by
-    magnitude, where P counts the weights of every masked tensor but the first (``dense_first_layer``):
-    one threshold shared by those tensors, and the first layer stays dense, as in SparsyFed's code. The
-    client sends only what it kept. After aggregation the server prunes the union of the client masks back
-    to the same count. Frozen weights are always kept.
+    magnitude, one threshold shared by the masked tensors. ``dense_first_layer`` (default True) leaves the
+    first layer out of the count and dense; SparsyFed's code prunes it under the same threshold
+    (``get_parameters_to_prune``, ``_first_layer=False``). The client sends only what it kept. After
+    aggregation the server prunes the union of the client masks back to the same count (``server_prune``,
+    default True); SparsyFed's server prunes nothing, so the next round's clients receive the union of the
+    client supports. Frozen weights are always kept.
 
     With Powerprop (SparsyFed's re-parameterisation) a weight at 0 gets no gradient, so a client's top-k
     can only re-order weights the global mask already holds. Regrowth is therefore rare, which is the
     paper's point.
     """
 
-    def __init__(self, dense_first_layer: bool = True):
-        self.dense_first_layer = bool(dense_first_layer)
+    def __init__(self, dense_first_layer: bool = True, server_prune: bool = True):
+        self.dense_first_layer, self.server_prune = bool(dense_first_layer), bool(server_prune)
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def setup(self, model, schedule):
@@ -236,4 +238,6 @@ class ClientTopK(MaskPolicy):
         return self._keep_top_k(ctx, weights, mask, frozen)
 
     def server_step(self, ctx, weights, mask, frozen):
+        if not self.server_prune:  # the next round's clients receive the union of the client supports
+            return weights, mask
         return self._keep_top_k(ctx, weights, mask, frozen)

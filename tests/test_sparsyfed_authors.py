@@ -1,0 +1,96 @@
+"""SparsyFed as its authors run it (issue 30): the first layer under the global threshold, no server re-prune,
+their initialisation, and the regrowth / dropped-weights metric every sparse run logs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from helpers import play, simulation
+
+from fl_sparse.core.interfaces import Link, Message, Phase, RoundContext
+from fl_sparse.core.rng import generator
+from fl_sparse.engine.server import _turnover_metrics
+from fl_sparse.models import LeNet
+from fl_sparse.models.powerprop import Powerprop, effective_weight
+from fl_sparse.parts.codecs import AutoSparse
+from fl_sparse.parts.mask_policies import ClientTopK
+from fl_sparse.parts.schedules import Constant
+
+
+def _ctx(sparsity: float) -> RoundContext:
+    return RoundContext(Phase(1, 0, sparsity, 0.0, False, False, False, 1.0), generator(0, "mask", 1))
+
+
+def test_the_first_layer_is_pruned_under_the_same_threshold_as_the_rest():
+    model = LeNet(10)
+    weights = {name: t.detach() for name, t in model.state_dict().items()}
+    for dense_first in (False, True):
+        policy = ClientTopK(dense_first_layer=dense_first)
+        policy.setup(model, Constant(0.9))
+        mask = policy.initial_mask(weights, None)
+        _, kept = policy.client_step(_ctx(0.9), weights, mask, {}, lambda: {})
+        if dense_first:
+            assert bool(kept["conv1.weight"].all())
+            continue
+        assert not bool(kept["conv1.weight"].all())
+        total = sum(m.numel() for m in kept.values())
+        assert sum(int(m.sum()) for m in kept.values()) == round(0.1 * total)
+        smallest_kept = min(float(weights[n][m].abs().min()) for n, m in kept.items() if m.any())
+        largest_dropped = max(float(weights[n][~m].abs().max()) for n, m in kept.items() if (~m).any())
+        assert smallest_kept >= largest_dropped  # one threshold over every layer, conv1 included
+
+
+class _Recording:
+    """An executor that trains as the experiment's own and keeps the client results of every round."""
+
+    def __init__(self, inner):
+        self.inner, self.rounds = inner, []
+
+    def train(self, job, tasks, ctx):
+        results = self.inner.train(job, tasks, ctx)
+        self.rounds.append(results)
+        return results
+
+
+def test_without_the_server_prune_the_global_support_is_the_union_and_the_downlink_carries_it():
+    sim = simulation("sparsyfed", "SPARSITY = 0.9", rounds=2)
+    recorder = _Recording(sim.experiment.executor)
+    sim.experiment.executor = recorder
+    (_, first, _), (_, second, metrics) = list(play(sim))
+    for name, mask in first.mask.items():
+        union = torch.zeros_like(mask)
+        for result in recorder.rounds[0]:
+            union |= result.mask[name]
+        assert torch.equal(mask, union), name
+    density = sum(int(m.sum()) for m in first.mask.values()) / sum(m.numel() for m in first.mask.values())
+    assert density > 0.1  # above the 0.1 target: nothing cut the union back
+    # Every client of round 2 receives the union, and the measured downlink is its encoding.
+    one = len(AutoSparse().encode(Message(first.weights, first.mask), Link("down", 0, {}, {}, 0)))
+    assert metrics["downlink_bytes"] == one * sim.experiment.clients_per_round
+    exact = simulation("sparsyfed_exact_density", "SPARSITY = 0.9", rounds=1)
+    ((_, pruned, _),) = list(play(exact))  # the earlier variant cuts the union back to the target
+    assert sum(int(m.sum()) for m in pruned.mask.values()) < sum(int(m.sum()) for m in first.mask.values())
+
+
+def test_the_regrowth_metric_counts_weights_that_enter_and_leave_the_global_support():
+    before = {"a": torch.tensor([0.0, 1.0, 2.0, 0.0]), "b": torch.tensor([[3.0, 0.0]])}
+    after = {"a": torch.tensor([5.0, 0.0, 2.0, 0.0]), "b": torch.tensor([[0.0, 4.0]])}
+    mask = {"a": torch.ones(4, dtype=torch.bool), "b": torch.ones(1, 2, dtype=torch.bool)}
+    assert _turnover_metrics(before, after, mask) == {"weights_regrown": 2.0, "weights_dropped": 2.0}
+    assert _turnover_metrics(before, after, {}) == {}  # dense runs have no support to track
+    sim = simulation("feddst", rounds=2)
+    for _, _, metrics in play(sim):
+        assert metrics["weights_regrown"] >= 0 and metrics["weights_dropped"] >= 0
+
+
+def test_the_authors_initialisation_is_a_truncated_normal_of_std_one_over_root_fan_in():
+    torch.manual_seed(0)
+    model = Powerprop(beta=1.25, init="truncated_normal")(LeNet(10))
+    fc1 = effective_weight(model.fc1.weight.detach(), 1.25)
+    bound = 2.0 / math.sqrt(6400)
+    assert float(fc1.abs().max()) <= bound * (1 + 1e-5)
+    assert abs(float(fc1.std()) - 0.88 / math.sqrt(6400)) < 0.02 / math.sqrt(6400)  # std of N(0,1) cut at 2
+    torch.manual_seed(0)
+    default = effective_weight(Powerprop(beta=1.25)(LeNet(10)).fc1.weight.detach(), 1.25)
+    assert float(default.std()) < 0.7 * float(fc1.std())  # PyTorch's default is 1/sqrt(3 fan_in)
