@@ -94,3 +94,27 @@ def test_the_authors_initialisation_is_a_truncated_normal_of_std_one_over_root_f
     torch.manual_seed(0)
     default = effective_weight(Powerprop(beta=1.25)(LeNet(10)).fc1.weight.detach(), 1.25)
     assert float(default.std()) < 0.7 * float(fc1.std())  # PyTorch's default is 1/sqrt(3 fan_in)
+
+
+def test_the_learning_rate_schedule_is_a_part_every_optimiser_round_follows():
+    from fl_sparse.config.compose import compose
+    from fl_sparse.parts.objectives import SGD, ExponentialDecay
+
+    decay = ExponentialDecay(0.5, 0.01, 700)
+    assert decay.rate(1) == 0.5 and math.isclose(decay.rate(700), 0.01) and decay.rate(900) == decay.rate(700)
+    assert math.isclose(decay.rate(350) / decay.rate(349), decay.rate(2) / decay.rate(1))  # a constant factor
+    sgd = SGD(lr=0.5, momentum=0.0, lr_schedule=decay)
+    assert sgd.at_round(700).lr == decay.rate(700) and SGD().at_round(5) is not None
+    experiment = compose("sparsyfed", ["sparsyfed_cifar10_resnet18"], ["DATA_DIR = '/unused'"]).experiment
+    assert (experiment.rounds, experiment.num_clients, experiment.clients_per_round) == (700, 100, 10)
+    assert experiment.optimizer.at_round(1).lr == 0.5 and math.isclose(experiment.optimizer.at_round(700).lr, 0.01)
+    # A scheduled run trains with the round's rate: a lower rate moves the weights less.
+    fast = simulation("fedavg", "SGD.lr_schedule = @ExponentialDecay()", "ExponentialDecay.start = 0.05",
+                      "ExponentialDecay.end = 0.05", "ExponentialDecay.rounds = 2", rounds=1)
+    slow = simulation("fedavg", "SGD.lr_schedule = @ExponentialDecay()", "ExponentialDecay.start = 0.0001",
+                      "ExponentialDecay.end = 0.0001", "ExponentialDecay.rounds = 2", rounds=1)
+    moved = []
+    for sim in (fast, slow):
+        ((before, after, _),) = list(play(sim))
+        moved.append(sum(float((after.weights[n] - before.weights[n]).abs().sum()) for n in before.weights))
+    assert moved[0] > 10 * moved[1]

@@ -12,7 +12,8 @@ from fl_sparse.sparse.budgets import DensityBudget
 
 INTERFACES = (interfaces.Aggregator, interfaces.MaskPolicy, interfaces.FreezePolicy, interfaces.CommCodec,
               interfaces.LocalObjective, interfaces.ClientOptimizer, interfaces.ClientExecutor,
-              interfaces.SparsitySchedule, interfaces.ModelReparameterization, DensityBudget)
+              interfaces.SparsitySchedule, interfaces.ModelReparameterization, interfaces.LearningRateSchedule,
+              DensityBudget)
 
 
 def registered_parts() -> dict[str, list[str]]:

@@ -274,8 +274,19 @@ class LocalObjective(abc.ABC):
         the ones it received this round (for proximal terms). Must be a pure torch function."""
 
 
+class LearningRateSchedule(abc.ABC):
+    """The clients' learning rate in each round (1-based), for an optimiser that follows one."""
+
+    @abc.abstractmethod
+    def rate(self, round: int) -> float: ...
+
+
 class ClientOptimizer(abc.ABC):
     """A functional optimiser: state in, state out, so clients can be stacked and vectorised."""
+
+    def at_round(self, round: int) -> ClientOptimizer:
+        """The optimiser the clients of ``round`` use: this one, unless it follows a learning-rate schedule."""
+        return self
 
     @abc.abstractmethod
     def init(self, params: Tensors) -> Tensors: ...

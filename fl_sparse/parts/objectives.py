@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_sparse.core.errors import check
-from fl_sparse.core.interfaces import ClientOptimizer, LocalObjective, Tensors
+from fl_sparse.core.interfaces import ClientOptimizer, LearningRateSchedule, LocalObjective, Tensors
 
 
 @gin.configurable
@@ -47,15 +47,40 @@ class Proximal(CrossEntropy):
 
 
 @gin.configurable
+class ExponentialDecay(LearningRateSchedule):
+    """``start`` in round 1, decaying by a constant factor per round to ``end`` in round ``rounds`` (and held
+    there after): ``start * (end / start) ** ((r - 1) / (rounds - 1))``. SparsyFed's CIFAR-10 setting: 0.5 to
+    0.01 over 700 rounds."""
+
+    def __init__(self, start: float = gin.REQUIRED, end: float = gin.REQUIRED, rounds: int = gin.REQUIRED):
+        check(start > 0 and end > 0, f"ExponentialDecay(start={start}, end={end}) needs rates > 0")
+        check(isinstance(rounds, int) and rounds >= 1, f"ExponentialDecay.rounds={rounds!r} must be an integer >= 1")
+        self.start, self.end, self.rounds = float(start), float(end), rounds
+
+    def rate(self, round: int) -> float:
+        progress = min(1.0, (round - 1) / max(1, self.rounds - 1))
+        return self.start * (self.end / self.start) ** progress
+
+
+@gin.configurable
 class SGD(ClientOptimizer):
     """SGD with momentum and (coupled) weight decay, as ``torch.optim.SGD`` computes it, except that
     coordinates outside ``trainable`` keep their weight (a -0.0 may become +0.0) and their zero momentum."""
 
-    def __init__(self, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-3):
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-3,
+                 lr_schedule: LearningRateSchedule | None = None):
         check(lr > 0, f"SGD.lr={lr} must be > 0")
         check(0 <= momentum < 1, f"SGD.momentum={momentum} must lie in [0, 1)")
         check(weight_decay >= 0, f"SGD.weight_decay={weight_decay} must be >= 0")
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        check(lr_schedule is None or isinstance(lr_schedule, LearningRateSchedule),
+              f"SGD.lr_schedule={lr_schedule!r} must be a learning-rate schedule, e.g. @ExponentialDecay()")
+        self.lr, self.momentum, self.weight_decay, self.lr_schedule = lr, momentum, weight_decay, lr_schedule
+
+    def at_round(self, round: int) -> ClientOptimizer:
+        """With ``lr_schedule``, an SGD at the schedule's rate of ``round`` (``lr`` is then unused)."""
+        if self.lr_schedule is None:
+            return self
+        return SGD(self.lr_schedule.rate(round), self.momentum, self.weight_decay)
 
     def init(self, params: Tensors) -> Tensors:
         return {name: torch.zeros_like(p) for name, p in params.items()} if self.momentum else {}

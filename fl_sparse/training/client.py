@@ -130,14 +130,15 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
     mask = task.mask
     allowed = {name: gate.to(params[name].dtype) for name, gate in trainable(mask, task.frozen).items()}
     params = {name: p.clone() for name, p in params.items()}  # ours to update in place (tasks share weights)
-    state = job.optimizer.init(params)
+    optimizer = job.optimizer.at_round(task.round)
+    state = optimizer.init(params)
     step = job.grads_and_loss
     losses = []
     batches = batch_positions(task, job.epochs, job.batch_size)
     step_after = len(batches) // job.epochs * job.mask_policy.client_step_epoch(ctx, job.epochs)
     for index, (inputs, labels) in enumerate(client_batches(job.data, task.indices, batches), 1):
         grads, loss = step(params, buffers, global_params, inputs, labels)
-        params, state = job.optimizer.step_in_place(params, grads, state, allowed)  # grads are fresh: ours too
+        params, state = optimizer.step_in_place(params, grads, state, allowed)  # grads are fresh: ours too
         losses.append(loss)
         if index == step_after and index < len(batches):  # readjust now; the rest trains under the new mask
             weights, mask = _client_step(job, ctx, task, params, buffers, global_params, mask)

@@ -104,10 +104,12 @@ class Vectorized(ClientExecutor):
     def train(self, job: TrainingJob, tasks: list[ClientTask], ctx: RoundContext) -> list[ClientResult]:
         if not tasks:
             return []
-        if needs_sequential(job.model) or job.mask_policy.client_step_epoch(ctx, job.epochs) < job.epochs:
+        if (needs_sequential(job.model) or job.mask_policy.client_step_epoch(ctx, job.epochs) < job.epochs
+                or job.optimizer.at_round(ctx.phase.round) is not job.optimizer):
             if not self._logged_fallback:
-                log.info("Vectorized: %s has BatchNorm or dropout, or its clients change their mask before "
-                         "the last epoch; training them sequentially", type(job.model).__name__)
+                log.info("Vectorized: %s has BatchNorm or dropout, its clients change their mask before the "
+                         "last epoch, or their learning rate follows a schedule; training them sequentially",
+                         type(job.model).__name__)
                 self._logged_fallback = True
             return Sequential().train(job, tasks, ctx)
         key = (id(job.model), id(job.objective), id(job.optimizer), id(job.data))
