@@ -118,3 +118,31 @@ def test_the_learning_rate_schedule_is_a_part_every_optimiser_round_follows():
         ((before, after, _),) = list(play(sim))
         moved.append(sum(float((after.weights[n] - before.weights[n]).abs().sum()) for n in before.weights))
     assert moved[0] > 10 * moved[1]
+
+
+def test_with_the_first_batch_threshold_a_conv_layers_later_batches_are_cut_at_it():
+    from fl_sparse.models.powerprop import PowerpropConv2d, keep_largest, magnitude_threshold
+
+    torch.manual_seed(0)
+    reparameterization = Powerprop(conv_threshold="first_batch")
+    model = reparameterization(LeNet(10)).train()
+    conv = model.conv2
+    assert isinstance(conv, PowerpropConv2d) and conv.threshold_from_first_batch
+    with torch.no_grad():  # a sparse layer: activation pruning keeps the fraction of its weight density
+        conv.weight[:, :3] = 0
+    first, later = torch.randn(4, 6, 28, 28), 3 * torch.randn(4, 6, 28, 28)
+    density = float((conv.weight != 0).float().mean())
+    conv(first.requires_grad_())
+    fixed = conv.first_threshold
+    assert torch.equal(fixed, magnitude_threshold(first, density))
+    conv(later.requires_grad_())
+    assert torch.equal(conv.first_threshold, fixed)  # kept for the later batch
+    # The later batch is cut at the first batch's threshold, not at its own (3x larger inputs keep more).
+    assert int((keep_largest(later, density, fixed) != 0).sum()) > int((keep_largest(later, density) != 0).sum())
+    reparameterization.start_local_training(model)
+    assert conv.first_threshold is None  # the next client's round starts afresh
+    per_batch = Powerprop()(LeNet(10)).train()
+    with torch.no_grad():
+        per_batch.conv2.weight[:, :3] = 0
+    per_batch.conv2(first.requires_grad_())
+    assert per_batch.conv2.first_threshold is None

@@ -315,6 +315,10 @@ class ModelReparameterization(abc.ABC):
     @abc.abstractmethod
     def __call__(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
+    def start_local_training(self, model: torch.nn.Module) -> None:
+        """Called when a client starts its local training of a round, for state that lives one client-round
+        (e.g. an activation threshold fixed by the first batch). The default keeps none."""
+
 
 class ClientExecutor(abc.ABC):
     """Runs local training for a group of sampled clients (sequentially, vectorised, ...)."""

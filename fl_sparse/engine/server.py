@@ -41,7 +41,7 @@ class RoundServer:
         self.schema = ModelSchema.of(self.model.state_dict())  # what every decoder checks payloads against
         self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
         self.job = TrainingJob(self.model, self.data, exp.objective, exp.optimizer, exp.mask_policy,
-                               exp.local_epochs, exp.batch_size)
+                               exp.local_epochs, exp.batch_size, exp.reparameterization)
 
     def initial_state(self) -> ServerState:
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}

@@ -11,9 +11,10 @@ entries of its input, by magnitude, keeping the fraction of the input equal to t
 That fraction is measured on the effective weight at every step, as the reference code does. Only the
 weight gradient uses the pruned input. The forward pass and the input gradient stay exact. The top-k runs
 over the whole batch tensor, as in the reference, so the batch is coupled like a BatchNorm batch, and the
-Vectorized executor trains such a model sequentially. Evaluation never prunes. One public copy of the
-SparsyFed code keeps, in its conv layers, the threshold of the first batch for every later batch; here it
-is recomputed for every batch, which is what the paper describes.
+Vectorized executor trains such a model sequentially. Evaluation never prunes. ``conv_threshold`` says how
+the conv layers cut: ``"per_batch"`` (default) recomputes the threshold for every batch, as the linear layers
+always do; ``"first_batch"`` keeps, for every later batch of a client's round, the threshold of its first
+batch, which is what every version of the SparsyFed code does in its conv layers (the paper does not say).
 """
 
 from __future__ import annotations
@@ -59,15 +60,20 @@ def effective_weight(v: torch.Tensor, beta: float) -> torch.Tensor:
     return v if beta == 1.0 else _EffectiveWeight.apply(v, beta)[0]
 
 
-def keep_largest(x: torch.Tensor, density: float) -> torch.Tensor:
-    """``x`` with all but its ``ceil(density * numel)`` largest-magnitude entries set to 0 (entries tied
-    with the smallest kept one are kept too)."""
+def magnitude_threshold(x: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The magnitude of ``x``'s ``ceil(density * numel)``-th largest entry (None when everything is kept)."""
     if density >= 1.0:
-        return x
+        return None
     keep = max(1, math.ceil(density * x.numel()))
     magnitudes = x.detach().abs().flatten()
-    threshold = magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
-    return x * (x.detach().abs() >= threshold)
+    return magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
+
+
+def keep_largest(x: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` with all but its ``ceil(density * numel)`` largest-magnitude entries set to 0 (entries tied
+    with the smallest kept one are kept too); with ``threshold``, every entry below that magnitude is cut."""
+    threshold = magnitude_threshold(x, density) if threshold is None else threshold
+    return x if threshold is None else x * (x.detach().abs() >= threshold)
 
 
 def _density(weight: torch.Tensor) -> float:
@@ -78,8 +84,8 @@ def _density(weight: torch.Tensor) -> float:
 
 class _PrunedInputConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, density, stride, padding, dilation, groups):
-        ctx.save_for_backward(keep_largest(x, density), weight)
+    def forward(ctx, x, weight, bias, density, stride, padding, dilation, groups, threshold=None):
+        ctx.save_for_backward(keep_largest(x, density, threshold), weight)
         ctx.conv = (stride, padding, dilation, groups, bias is not None)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -92,7 +98,7 @@ class _PrunedInputConv2d(torch.autograd.Function):
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, pruned_x, weight, [weight.shape[0]] if has_bias else None, stride, padding, dilation,
             False, [0] * len(stride), groups, needs)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class _PrunedInputLinear(torch.autograd.Function):
@@ -126,14 +132,24 @@ class _PowerpropLayer:
 
 
 class PowerpropConv2d(_PowerpropLayer, nn.Conv2d):
-    """``nn.Conv2d`` computing with ``effective_weight(self.weight, beta)``; see the module docstring."""
+    """``nn.Conv2d`` computing with ``effective_weight(self.weight, beta)``; see the module docstring. With
+    ``threshold_from_first_batch`` the activation threshold of a client's first batch of the round is kept
+    for its later batches (SparsyFed's code), until :meth:`Powerprop.start_local_training` clears it."""
+
+    threshold_from_first_batch: bool = False
+    first_threshold: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = effective_weight(self.weight, self.beta)
         if not self._prunes_now():
             return self._conv_forward(x, weight, self.bias)
-        return _PrunedInputConv2d.apply(x, weight, self.bias, _density(weight), self.stride, self.padding,
-                                        self.dilation, self.groups)
+        density, threshold = _density(weight), None
+        if self.threshold_from_first_batch:
+            if self.first_threshold is None:
+                self.first_threshold = magnitude_threshold(x, density)
+            threshold = self.first_threshold
+        return _PrunedInputConv2d.apply(x, weight, self.bias, density, self.stride, self.padding,
+                                        self.dilation, self.groups, threshold)
 
 
 class PowerpropLinear(_PowerpropLayer, nn.Linear):
@@ -161,13 +177,26 @@ class Powerprop(ModelReparameterization):
     LAYERS = {nn.Conv2d: PowerpropConv2d, nn.Linear: PowerpropLinear}
     INITS = ("base", "truncated_normal")
 
-    def __init__(self, beta: float = 1.25, prune_activations: bool = True, init: str = "base"):
+    CONV_THRESHOLDS = ("per_batch", "first_batch")
+
+    def __init__(self, beta: float = 1.25, prune_activations: bool = True, init: str = "base",
+                 conv_threshold: str = "per_batch"):
         check(beta >= 1.0, f"Powerprop.beta={beta} must be >= 1 (SparsyFed uses 1.25; 1 is no re-parameterisation)")
         check(init in self.INITS, f"Powerprop.init={init!r} must be one of {', '.join(map(repr, self.INITS))}")
+        check(conv_threshold in self.CONV_THRESHOLDS, f"Powerprop.conv_threshold={conv_threshold!r} must be "
+                                                      f"one of {', '.join(map(repr, self.CONV_THRESHOLDS))}")
         self.beta, self.prune_activations, self.init = float(beta), bool(prune_activations), init
+        self.conv_threshold = conv_threshold
 
     def __repr__(self) -> str:
-        return f"Powerprop(beta={self.beta}, prune_activations={self.prune_activations}, init={self.init!r})"
+        return (f"Powerprop(beta={self.beta}, prune_activations={self.prune_activations}, init={self.init!r}, "
+                f"conv_threshold={self.conv_threshold!r})")
+
+    def start_local_training(self, model: nn.Module) -> None:
+        """A client's round starts: its conv layers forget the previous client's first-batch threshold."""
+        for module in model.modules():
+            if isinstance(module, PowerpropConv2d):
+                module.first_threshold = None
 
     def __call__(self, model: nn.Module) -> nn.Module:
         for module in model.modules():
@@ -179,6 +208,8 @@ class Powerprop(ModelReparameterization):
                   "set Powerprop.prune_activations = False")
             module.__class__ = powerprop_class  # a subclass adding no state: the parameters stay as they are
             module.beta, module.prune_activations = self.beta, self.prune_activations
+            if isinstance(module, PowerpropConv2d):
+                module.threshold_from_first_batch = self.conv_threshold == "first_batch"
             with torch.no_grad():
                 if self.init == "truncated_normal":  # drawn from torch's global generator, seeded per run
                     std = 1.0 / math.sqrt(module.weight[0].numel())  # fan_in = in_channels * kernel area

@@ -13,7 +13,15 @@ from typing import Iterator
 import torch
 from torch.func import functional_call
 
-from fl_sparse.core.interfaces import ClientOptimizer, ClientResult, LocalObjective, MaskPolicy, RoundContext, Tensors
+from fl_sparse.core.interfaces import (
+    ClientOptimizer,
+    ClientResult,
+    LocalObjective,
+    MaskPolicy,
+    ModelReparameterization,
+    RoundContext,
+    Tensors,
+)
 from fl_sparse.core.rng import generator
 from fl_sparse.data import FederatedData
 from fl_sparse.sparse.mask_ops import trainable
@@ -42,6 +50,7 @@ class TrainingJob:
     mask_policy: MaskPolicy
     epochs: int
     batch_size: int
+    reparameterization: ModelReparameterization | None = None  # told when each client starts training
 
     def split(self, weights: Tensors) -> tuple[Tensors, Tensors]:
         """(parameters, buffers) of a flat state dict."""
@@ -130,6 +139,8 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
     mask = task.mask
     allowed = {name: gate.to(params[name].dtype) for name, gate in trainable(mask, task.frozen).items()}
     params = {name: p.clone() for name, p in params.items()}  # ours to update in place (tasks share weights)
+    if job.reparameterization is not None:
+        job.reparameterization.start_local_training(job.model)
     optimizer = job.optimizer.at_round(task.round)
     state = optimizer.init(params)
     step = job.grads_and_loss
