@@ -146,3 +146,24 @@ def test_with_the_first_batch_threshold_a_conv_layers_later_batches_are_cut_at_i
         per_batch.conv2.weight[:, :3] = 0
     per_batch.conv2(first.requires_grad_())
     assert per_batch.conv2.first_threshold is None
+
+
+def test_the_density_and_freezing_invariants_hold_in_every_mode():
+    model = LeNet(10)
+    weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    frozen = {name: torch.rand(w.shape, generator=g) < 0.01 for name, w in weights.items() if name.endswith("weight")}
+    for dense_first in (False, True):
+        for server_prune in (False, True):
+            policy = ClientTopK(dense_first_layer=dense_first, server_prune=server_prune)
+            policy.setup(model, Constant(0.9))
+            mask = policy.initial_mask(weights, None)
+            new_weights, kept = policy.client_step(_ctx(0.9), weights, mask, frozen, lambda: {})
+            assert sum(int(kept[n].sum()) for n in policy.pruned_names) == policy.count(0.9)
+            for name, held in kept.items():
+                assert bool(held[frozen[name]].all()), name  # frozen weights are always kept
+                assert bool((new_weights[name][~held] == 0).all()), name
+            union = {name: held | torch.roll(held, 1) for name, held in kept.items()}
+            _, served = policy.server_step(_ctx(0.9), new_weights, union, frozen)
+            count = sum(int(served[n].sum()) for n in policy.pruned_names)
+            assert count == policy.count(0.9) if server_prune else count > policy.count(0.9)
