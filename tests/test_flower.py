@@ -224,6 +224,30 @@ def test_a_resumed_flower_server_ends_bitwise_where_an_uninterrupted_one_does(ta
         assert_same_weights(getattr(state, name), getattr(expected, name))
 
 
+def test_the_flower_server_logs_to_mlflow_and_a_resume_continues_the_same_run(task_identity, tmp_path):
+    """The ServerApp runs the same run path as fl-sparse run, with its tracker: one MLflow run whose rounds
+    are all logged, and a server resumed from a checkpoint logs into that run, not a new one."""
+    import shutil
+
+    import mlflow
+
+    torch.set_num_threads(1)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = {**run_config(*PFFDST_SHORT), "tracking-uri": store, "experiment-name": "flower_runs"}
+    flower_run(config, num_nodes=3, out=tmp_path / "whole")
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("flower_runs").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["algorithm"] == "pffdst"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "cumulative_gb")] == [1, 2]
+    assert "flower_uplink_bytes" in run.data.metrics
+    shutil.copytree(tmp_path / "whole" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "round-000002")
+    flower_run({**config, "resume": True}, num_nodes=3, out=tmp_path / "resumed")
+    (again,) = client.search_runs([client.get_experiment_by_name("flower_runs").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the tracker exports it; later tests choose their own
+
+
 def test_resume_without_a_checkpoint_dir_is_one_line(task_identity):
     with pytest.raises(ConfigError, match="resume = true needs checkpoint-dir"):
         serverapp.main(LoopbackGrid(run_config(*PFFDST_SHORT), 3, None),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fl_sparse.cli import flags
 from fl_sparse.core.errors import ConfigError
+from fl_sparse.tracking.store import check_tracking_uri, tracking_uri
 
 
 def add_parser(commands) -> None:
@@ -42,6 +43,12 @@ def add_parser(commands) -> None:
                             help="another run config key: threads, round-timeout, node-wait, checkpoint-dir, "
                                  "checkpoint-every, metrics-file (TOML values, e.g. threads=1)")
         parser.add_argument("--stream", action="store_true", help="stream the run's logs (flwr run --stream)")
+        parser.add_argument("--experiment-name", default="fl_sparse", help="MLflow experiment name")
+    simulate.add_argument("--tracking-uri", help="MLflow store of the server's run (default: $MLFLOW_TRACKING_URI "
+                                                 "or sqlite:///mlflow.db here)")
+    simulate.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    run.add_argument("--tracking-uri", help="MLflow store of the server's run, as the SuperLink's host sees it "
+                                            "(default: $MLFLOW_TRACKING_URI there, else none)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,10 +59,16 @@ def main(args: argparse.Namespace) -> int:
     composed = flags.compose(args)  # validates the composition before anything is submitted
     experiment = composed.experiment
     composition = Composition(composed.algorithm, composed.presets, composed.bindings)
-    overrides = [f"{key}={_toml_string(value)}" for key, value in composition.as_run_config().items()]
+    tracking = {"experiment-name": args.experiment_name}
+    if args.flower_command == "simulate" and not args.no_tracking:  # the server runs on this machine
+        check_tracking_uri(args.tracking_uri)
+        tracking["tracking-uri"] = tracking_uri(args.tracking_uri)
+    elif args.tracking_uri:
+        tracking["tracking-uri"] = args.tracking_uri
+    overrides = [f"{key}={_toml_string(value)}" for key, value in {**composition.as_run_config(), **tracking}.items()]
     for item in args.set:
         key = item.split("=", 1)[0].strip()
-        if "=" not in item or key not in DEFAULTS or key in composition.as_run_config():
+        if "=" not in item or key not in DEFAULTS or key in composition.as_run_config() or key in tracking:
             keys = sorted(set(DEFAULTS) - {"algorithm", "presets", "bindings"})
             raise ConfigError(f"--set {item}: give KEY=VALUE with KEY one of {keys}")
         overrides.append(item)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +36,8 @@ from fl_sparse.flower import messages, setup  # noqa: E402
 from fl_sparse.parts.freezing import NoFreeze  # noqa: E402
 from fl_sparse.runtime.callbacks import Callback  # noqa: E402
 from fl_sparse.runtime.runner import run  # noqa: E402
+from fl_sparse.tracking.store import tracking_uri  # noqa: E402
+from fl_sparse.tracking.tracker import MlflowTracker  # noqa: E402
 
 log = logging.getLogger("flwr")  # Flower's logger: the lines reach `flwr log` and the SuperLink's log
 app = ServerApp()
@@ -56,7 +59,11 @@ def main(grid: Grid, context: Context) -> None:
     directory = str(config["checkpoint-dir"]) or None
     if config["resume"]:
         log.info("fl_sparse: resuming from the newest checkpoint in %s", directory)
-    result = run(built.composed, [MetricsLog(config["metrics-file"])], resume=directory if config["resume"] else None,
+    callbacks = [MetricsLog(config["metrics-file"])]
+    uri = str(config["tracking-uri"]) or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:  # before the checkpointer, so that a checkpointed round is logged; resume continues its MLflow run
+        callbacks.append(MlflowTracker(tracking_uri(uri), str(config["experiment-name"])))
+    result = run(built.composed, callbacks, resume=directory if config["resume"] else None,
                  checkpoint_dir=directory, checkpoint_every=int(config["checkpoint-every"]) if directory else None,
                  server=built.server, play_round=server.play_round)
     log.info("fl_sparse: %s (by our codecs)", result.summary_line())

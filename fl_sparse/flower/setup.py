@@ -31,6 +31,10 @@ DEFAULTS = {
     "checkpoint-every": 1,
     "resume": False,  # continue from the newest checkpoint in checkpoint-dir (same composition), as --resume does
     "metrics-file": "",  # a JSON-lines file of each round's metrics, written by the server ("" = none)
+    # MLflow store of the server's run, as `fl-sparse run --tracking-uri` ("" = $MLFLOW_TRACKING_URI in the
+    # SuperLink's environment, else no tracking); the same tracker as in-process, resumed into the same run
+    "tracking-uri": "",
+    "experiment-name": "fl_sparse",
 }
 
 
