@@ -17,7 +17,7 @@ import pytest
 
 from fl_sparse.cli.main import main
 from fl_sparse.studies import driver, spec, trial
-from fl_sparse.studies.trial import StudyContext, TrialBusy, trial_lock
+from fl_sparse.studies.trial import StudyContext, trial_lock
 
 TINY_BIND = '"Experiment.num_clients = 10", "Experiment.clients_per_round = 3", "Experiment.local_epochs = 1"'
 
@@ -150,9 +150,8 @@ except TrialBusy as error:
 """], capture_output=True, text=True, timeout=60)
         assert holder.stdout.startswith("busy: trial trial is being trained by another process"), holder.stderr
     assert not trial.is_locked(folder)
-    with trial_lock(folder, wait_s=0):
+    with trial_lock(folder, wait_s=0):  # free again once its holder left
         pass
-    assert issubclass(TrialBusy, Exception)
 
 
 def _study_command(path: Path, out: Path) -> list[str]:

@@ -44,6 +44,7 @@ def add_parser(commands) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from fl_sparse.studies import driver, spec
+    from fl_sparse.studies.trial import work_folder
 
     if args.study_command == "run":
         _check_run_flags(args)
@@ -61,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from fl_sparse.tracking.store import check_tracking_uri, tracking_uri
 
-    store = out.resolve() / ".work" / "mlflow.db"
+    store = work_folder(out.resolve()) / "mlflow.db"
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}"
     check_tracking_uri(uri)
     final = driver.run_study(study, out, args.engine, tracking_uri(uri), args.data_dir, args.ray_address,

@@ -23,8 +23,6 @@ from fl_sparse.config.compose import Composed
 from fl_sparse.core.state import RoundEvent, ServerState
 from fl_sparse.engine.server import RoundServer
 
-STOP_REASONS = {"rounds": "planned rounds", "budget": "communication budget", "callback": "stop signal"}
-
 
 @dataclasses.dataclass
 class RunStart:

@@ -13,7 +13,7 @@ from pathlib import Path
 import gin
 
 from fl_sparse.config.compose import Composed
-from fl_sparse.core.state import RoundEvent
+from fl_sparse.core.state import RoundEvent, ServerState
 from fl_sparse.engine.loop import PlayRound, run_rounds
 from fl_sparse.engine.server import RoundServer
 from fl_sparse.runtime import checkpoint
@@ -58,22 +58,25 @@ def run(composed: Composed, callbacks: list[Callback] = (), *, resume: Path | st
     callbacks.append(headline)
     start = RunStart(composed, server, state, None if resume is None else Path(resume), meta)
     exp = composed.experiment
+
+    def result(last: ServerState, stopped_by: str, error: BaseException | None = None) -> RunResult:
+        return RunResult(last, exp.rounds, stopped_by, headline.best, headline.best_round, headline.final,
+                         exp.budget_gb, gin.operative_config_str(), error)
+
     try:
         for callback in callbacks:
             callback.on_run_start(start)
         end = run_rounds(server, state, [callback.on_round_end for callback in callbacks], play_round)
     except BaseException as error:
-        result = RunResult(state, exp.rounds, "error", headline.best, headline.best_round, headline.final,
-                           exp.budget_gb, gin.operative_config_str(), error)
+        failed = result(state, "error", error)
         for callback in callbacks:
             try:
-                callback.on_run_end(result)
+                callback.on_run_end(failed)
             except Exception:  # noqa: BLE001  (the run's own error is the one to report)
                 log.exception("a callback failed while the run was ending after an error")
         raise
-    result = RunResult(end.state, exp.rounds, end.stopped_by, headline.best, headline.best_round, headline.final,
-                       exp.budget_gb, gin.operative_config_str())
+    ended = result(end.state, end.stopped_by)
     for callback in callbacks:
-        callback.on_run_end(result)
-    log.info("%s", result.summary_line())
-    return result
+        callback.on_run_end(ended)
+    log.info("%s", ended.summary_line())
+    return ended

@@ -18,7 +18,15 @@ from tqdm import tqdm
 from fl_sparse.core.errors import ConfigError, first_line
 from fl_sparse.core.state import RoundEvent
 from fl_sparse.studies.spec import Study, Trial
-from fl_sparse.studies.trial import StudyContext, TrialBusy, finished, is_locked, read_marker, run_trial
+from fl_sparse.studies.trial import (
+    StudyContext,
+    TrialBusy,
+    finished,
+    is_locked,
+    read_marker,
+    run_trial,
+    work_folder,
+)
 from fl_sparse.tracking.export import STUDY_PARENT_TAG
 from fl_sparse.tracking.tracker import close_parent_run, open_parent_run
 
@@ -111,7 +119,7 @@ def run_study(study: Study, out: Path, engine: str, tracking_uri: str, data_dir:
     out = out.resolve()
     states = trial_states(study, out)
     todo = [s.trial for s in states if s.state != DONE]
-    work = out / ".work"
+    work = work_folder(out)
     work.mkdir(parents=True, exist_ok=True)
     parent = _parent_run(study, work, tracking_uri)
     context = StudyContext(study.name, str(out), tracking_uri, parent, study.threads, study.gpus,

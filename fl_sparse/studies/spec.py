@@ -40,6 +40,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from fl_sparse.config import gin_files
 from fl_sparse.config.compose import compose
 from fl_sparse.core.errors import ConfigError, first_line
 
@@ -252,12 +253,19 @@ def _relative_gin(study_file: Path, name: str) -> str:
 
 def _trial(where: _Where, label: str, algorithm: str, presets: tuple[str, ...], bindings: tuple[str, ...],
            seed: int, variant: str, group: str | None) -> Trial:
+    trial = f"{Path(algorithm).stem} {'+'.join(presets)} seed {seed} ({variant})"
+    # The files first, so that an error names the key that holds the wrong name; then the bindings.
+    for key, names, folder, kind in (("algorithms", [algorithm], gin_files.ALGORITHMS, "algorithm"),
+                                     ("presets", presets, gin_files.REGISTRY, "preset")):
+        for name in names:
+            try:
+                gin_files.resolve(name, folder, kind)
+            except ConfigError as error:
+                where.fail(label, key, f"{trial}: {first_line(error)}")
     try:
         composed = compose(algorithm, presets, bindings)
     except ConfigError as error:
-        key = "algorithms" if "algorithm" in str(error) else "presets" if "preset" in str(error) else "bind"
-        where.fail(label, key, f"{Path(algorithm).stem} {'+'.join(presets)} seed {seed} ({variant}): "
-                               f"{first_line(error)}")
+        where.fail(label, "bind", f"{trial}: {first_line(error)}")
     base_group = group or "+".join(Path(preset).stem for preset in presets) or "-"
     return Trial(trial_key(composed.config_text), algorithm, presets, bindings, seed, variant,
                  base_group if variant == BASE else f"{base_group}_{variant}", composed.experiment.rounds)

@@ -37,6 +37,12 @@ from fl_sparse.studies.spec import Trial
 LOCK_WAIT_S = 60.0  # a trial whose lock another process holds is waited for this long, then left to it
 
 
+def work_folder(out: Path | str) -> Path:
+    """A study's machine-local working folder inside its output folder (checkpoints, locks, its MLflow store,
+    Ray's storage), ignored by git."""
+    return Path(out) / ".work"
+
+
 class TrialBusy(FlSparseError):
     """Another process holds the trial's lock: it is training the trial now."""
 
@@ -56,7 +62,7 @@ class StudyContext:
 
     @property
     def work(self) -> Path:
-        return Path(self.out) / ".work"
+        return work_folder(self.out)
 
     def folder(self, trial: Trial) -> Path:
         return self.work / "trials" / trial.key

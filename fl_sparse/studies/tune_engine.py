@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
 
 import ray
 from ray import tune
@@ -43,7 +42,7 @@ class _Progress(tune.Callback):
     def __init__(self, progress, trials: list[Trial]):
         self.progress, self.by_key = progress, {trial.key: trial for trial in trials}
 
-    def __getstate__(self) -> dict:  # Tune pickles its run config with the experiment; the view stays here
+    def __getstate__(self) -> dict:  # Tune pickles its run config; only the driver's copy is ever called
         return {"progress": None, "by_key": self.by_key}
 
     @staticmethod
@@ -51,8 +50,7 @@ class _Progress(tune.Callback):
         return trial.config["trial"]["key"]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        if self.progress is not None:
-            self.progress.started(self._key(trial))
+        self.progress.started(self._key(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "round" in result:
@@ -85,7 +83,7 @@ def run_on_ray(trials: list[Trial], context: StudyContext, progress, max_failure
     try:
         order = sorted(trials, key=lambda trial: -trial.rounds)  # a grid_search list expands in list order
         resources = {"cpu": context.threads, "gpu": context.gpus}
-        storage = Path(context.out) / ".work" / "ray"
+        storage = context.work / "ray"
         storage.mkdir(parents=True, exist_ok=True)
         tuner = tune.Tuner(
             tune.with_resources(_trainable, resources),
