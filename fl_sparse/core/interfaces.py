@@ -8,14 +8,16 @@ every round ``r`` (1-based, as in the paper):
     2. CommCodec.encode / decode             downlink: global weights + mask -> bytes -> client
     3. ClientExecutor.train                  each client: LocalObjective + ClientOptimizer for E epochs
                                              under ``trainable = mask & ~frozen``, then MaskPolicy.client_step
-    4. CommCodec.encode / decode             uplink: client weights + client mask -> bytes -> server
+                                             and MaskPolicy.client_scores
+    4. CommCodec.encode / decode             uplink: client weights + client mask (+ scores) -> bytes -> server
     5. Aggregator.aggregate                  client results -> new global weights and union mask
     6. FreezePolicy.stage_start_model        the model the round goes on with (default: the aggregated one)
        FreezePolicy.server_step              may freeze weights when a stage ends
     7. MaskPolicy.server_step                may prune / grow the global mask
     8. evaluation (every ``eval_every`` rounds), then FreezePolicy.observe
 
-An optional ``ModelReparameterization`` (SparsyFed's Powerprop) is applied once to the model before round 1.
+An optional ``ModelReparameterization`` (SparsyFed's Powerprop) is applied once to the model before round 1, and
+an optional ``MaskDiscovery`` (FLASH) lets clients choose the initial mask before round 1.
 
 State is plain data: ``weights`` maps every parameter and buffer name to a tensor, ``mask`` maps each
 maskable tensor (every conv/linear ``weight``) to a bool tensor of the same shape (absent = dense), and
@@ -76,6 +78,11 @@ class RoundContext:
     # On the server after aggregation: per masked tensor, how many accepted uploads' masks hold each
     # coordinate (the clients' votes), computed when called. None on clients.
     votes: Callable[[], Tensors] | None = None
+    # On the server after aggregation: per masked tensor, the mean over accepted uploads of the scores the
+    # clients sent (MaskPolicy.client_scores; a coordinate a client sent no score for counts as 0), computed
+    # when called. None on clients.
+    scores: Callable[[], Tensors] | None = None
+    uploads: int = 0  # on the server after aggregation: how many uploads were accepted (0 on clients)
 
 
 @dataclasses.dataclass
@@ -87,6 +94,8 @@ class ClientResult:
     mask: Tensors  # the client's mask after MaskPolicy.client_step (may differ from the global one)
     num_samples: int
     train_loss: float
+    # Per masked tensor, the scores the client uploads (MaskPolicy.client_scores), 0 where it sends none.
+    scores: Tensors = dataclasses.field(default_factory=dict)
 
 
 class MaskPolicy(abc.ABC):
@@ -103,9 +112,10 @@ class MaskPolicy(abc.ABC):
     def initial_mask(self, weights: Tensors, generator: torch.Generator) -> Tensors:
         """Called once before round 1; returns a bool mask per maskable tensor ({} = dense model)."""
 
-    def client_step_epoch(self, ctx: RoundContext, epochs: int) -> int:
-        """After which local epoch (1-based) :meth:`client_step` runs; the epochs after it train under the mask
-        it returns (so weights it grows train before upload). The default: after the last epoch."""
+    def client_step_epoch(self, ctx: RoundContext, epochs: int) -> float:
+        """After which local epoch (1-based; a fraction counts steps, e.g. 0.5 is half-way through the first)
+        :meth:`client_step` runs; the steps after it train under the mask it returns (so weights it grows train
+        before upload). The default: after the last epoch."""
         return epochs
 
     def client_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors, frozen: Tensors,
@@ -113,6 +123,15 @@ class MaskPolicy(abc.ABC):
         """Called on each client after local epoch :meth:`client_step_epoch`. ``gradients()`` lazily computes
         dense gradients of the local loss. May return a changed (weights, mask); the default changes nothing."""
         return weights, mask
+
+    def client_scores(self, ctx: RoundContext, received_mask: Tensors, weights: Tensors, mask: Tensors,
+                      frozen: Tensors, gradients: Callable[[], Tensors]) -> Tensors:
+        """Called on each client after :meth:`client_step` with the mask it received and the (weights, mask)
+        it uploads: scores the client sends with its update, for the server's :meth:`server_step` to read as
+        ``ctx.scores()`` (e.g. |gradient| at the coordinates it grew). Per masked name, a float tensor of the
+        tensor's shape, 0 where no score is sent; only the non-zero entries travel, and their bytes are counted
+        like any other. ``gradients()`` is the same (cached) computation ``client_step`` saw. Default: none."""
+        return {}
 
     def server_step(self, ctx: RoundContext, weights: Tensors, mask: Tensors,
                     frozen: Tensors) -> tuple[Tensors, Tensors]:
@@ -169,6 +188,9 @@ class Message:
 
     tensors: Tensors
     masks: Tensors  # bool, same shape as tensors[name]; a name absent here is sent dense
+    # Per masked name, float scores of the tensor's shape (an uplink's MaskPolicy.client_scores); only the
+    # non-zero entries are sent, and a receiver reads the others as 0. Empty on every downlink.
+    scores: Tensors = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +340,44 @@ class ModelReparameterization(abc.ABC):
     def start_local_training(self, model: torch.nn.Module) -> None:
         """Called when a client starts its local training of a round, for state that lives one client-round
         (e.g. an activation threshold fixed by the first batch). The default keeps none."""
+
+
+class DiscoveryClients(abc.ABC):
+    """What the engine lends a :class:`MaskDiscovery`: the federation's clients, before round 1. Every byte it
+    moves is encoded, counted and decoded like a round's, and every training step counted in FLOPs."""
+
+    @abc.abstractmethod
+    def sample(self, fraction: float) -> list[int]:
+        """At least one client, ``fraction`` of the federation, drawn from the run's seeded discovery stream."""
+
+    @abc.abstractmethod
+    def train(self, clients: list[int], weights: Tensors, mask: Tensors, epoch: int,
+              policy: MaskPolicy | None = None) -> list[ClientResult]:
+        """Send (weights, mask) down to each client (counted), and train one local epoch under the mask with the
+        run's objective and optimiser, then ``policy``'s client step (None: no step). ``epoch`` keys the batch
+        order, so that successive calls draw fresh batches."""
+
+    @abc.abstractmethod
+    def upload(self, client: int, values: Tensors) -> Tensors:
+        """Send small dense tensors (e.g. one number per layer) up from ``client``: encoded, counted and
+        decoded against exactly these names, shapes and dtypes; returns what the server decoded."""
+
+    @abc.abstractmethod
+    def fresh_weights(self) -> Tensors:
+        """A new initialisation of the model, drawn from the run's seeded discovery stream."""
+
+
+class MaskDiscovery(abc.ABC):
+    """Optional: a phase before round 1 in which clients help decide the initial mask (FLASH's per-layer
+    densities; PruneFL's and FedTiny's initial pruning would be others). It replaces
+    :meth:`MaskPolicy.initial_mask`; the mask policy owns the mask from round 1 on. Its bytes and FLOPs are
+    reported as ``discovery_bytes`` / ``discovery_flops`` and count towards the run's totals (and its budget)."""
+
+    @abc.abstractmethod
+    def discover(self, clients: DiscoveryClients, weights: Tensors, mask_names: list[str], sparsity: float,
+                 generator: torch.Generator) -> tuple[Tensors, Tensors]:
+        """The (weights, mask) round 1 starts from, given the initial weights, the masked tensors' names and the
+        schedule's initial sparsity (the fraction of their weights the mask leaves out)."""
 
 
 class ClientExecutor(abc.ABC):

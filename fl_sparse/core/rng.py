@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAMS = {"sampling": 1, "mask": 2, "batches": 3, "init": 4}
+STREAMS = {"sampling": 1, "mask": 2, "batches": 3, "init": 4, "discovery": 5}
 
 
 def generator(seed: int, stream: str, *keys: int) -> torch.Generator:

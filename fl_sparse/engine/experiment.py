@@ -23,6 +23,7 @@ from fl_sparse.core.interfaces import (
     CommCodec,
     FreezePolicy,
     LocalObjective,
+    MaskDiscovery,
     MaskPolicy,
     ModelReparameterization,
     SparsitySchedule,
@@ -65,6 +66,7 @@ class Experiment:
     device: str = "auto"
     schedule: SparsitySchedule = dataclasses.field(default_factory=lambda: Constant(0.0))
     mask_policy: MaskPolicy = dataclasses.field(default_factory=NoMask)
+    mask_discovery: MaskDiscovery | None = None  # e.g. @FlashDensities() (FLASH): clients choose the initial mask
     freeze_policy: FreezePolicy = dataclasses.field(default_factory=NoFreeze)
     aggregator: Aggregator = dataclasses.field(default_factory=UnionAverage)
     uplink_codec: CommCodec = dataclasses.field(default_factory=AutoSparse)

@@ -16,7 +16,9 @@ from fl_sparse.core.errors import check
 from fl_sparse.core.interfaces import ClientResult, Link, Message, ModelSchema, RoundContext, Tensors
 from fl_sparse.core.rng import generator
 from fl_sparse.core.state import ServerState
+from fl_sparse.engine.discovery import InProcessDiscovery
 from fl_sparse.engine.experiment import Experiment
+from fl_sparse.models import maskable_names
 from fl_sparse.sparse.mask_ops import apply_mask
 from fl_sparse.training import accounting
 from fl_sparse.training.client import ClientTask, TrainingJob, evaluate
@@ -40,13 +42,25 @@ class RoundServer:
         exp.mask_policy.setup(self.model, exp.schedule)
         self.schema = ModelSchema.of(self.model.state_dict())  # what every decoder checks payloads against
         self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
+        self.discovery_metrics: dict[str, float] = {}  # a MaskDiscovery's bytes and FLOPs, logged with round 1
         self.job = TrainingJob(self.model, self.data, exp.objective, exp.optimizer, exp.mask_policy,
                                exp.local_epochs, exp.batch_size, exp.reparameterization)
 
     def initial_state(self) -> ServerState:
+        """The state before round 1: the initial model under the mask policy's initial mask, or under the mask
+        a :class:`~fl_sparse.core.interfaces.MaskDiscovery` settled with the clients (its bytes and FLOPs
+        counted, and logged with round 1)."""
+        exp = self.experiment
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
-        mask = self.experiment.mask_policy.initial_mask(weights, generator(self.experiment.seed, "mask", 0))
-        return ServerState(apply_mask(weights, mask), mask, {})
+        if exp.mask_discovery is None:
+            mask = exp.mask_policy.initial_mask(weights, generator(exp.seed, "mask", 0))
+            return ServerState(apply_mask(weights, mask), mask, {})
+        clients = InProcessDiscovery(self, exp.schedule.initial_sparsity())
+        weights, mask = exp.mask_discovery.discover(clients, weights, maskable_names(self.model),
+                                                    exp.schedule.initial_sparsity(), generator(exp.seed, "mask", 0))
+        self.discovery_metrics = clients.metrics()
+        return ServerState(apply_mask(weights, mask), mask, {}, cumulative_bytes=clients.bytes,
+                           cumulative_flops=clients.flops)
 
     def sample_clients(self, round: int) -> list[int]:
         exp = self.experiment
@@ -90,7 +104,8 @@ class RoundServer:
         r = state.round + 1
         try:
             received = self.experiment.uplink_codec.decode(payload, self.link(state, "up", result.client_id))
-            upload = dataclasses.replace(result, weights=received.tensors, mask=received.masks)
+            upload = dataclasses.replace(result, weights=received.tensors, mask=received.masks,
+                                         scores=received.scores)
             problem = _invalid_update(upload, state.weights)
         except ValueError as error:  # PayloadError, or a Link the payload does not fit
             problem = str(error)
@@ -123,7 +138,7 @@ class RoundServer:
         for result in results:
             link = self.link(state, "up", result.client_id)
             try:
-                payload = codec.encode(Message(result.weights, result.mask), link)
+                payload = codec.encode(Message(result.weights, result.mask, result.scores), link)
             except ValueError as error:
                 warnings.warn(f"round {state.round + 1}: client {result.client_id} rejected: {error}", stacklevel=3)
                 continue
@@ -157,7 +172,8 @@ class RoundServer:
             weights, mask = exp.freeze_policy.stage_start_model(ctx, weights, mask, evaluate_aggregated)
             frozen = exp.freeze_policy.server_step(ctx, weights, mask, frozen)
             freeze_version += frozen is not state.frozen
-            ctx = dataclasses.replace(ctx, votes=functools.partial(_votes, uploads))
+            ctx = dataclasses.replace(ctx, votes=functools.partial(_votes, uploads),
+                                      scores=functools.partial(_mean_scores, uploads), uploads=len(uploads))
             weights, mask = exp.mask_policy.server_step(ctx, weights, mask, frozen)
         else:
             warnings.warn(f"round {r}: every client update was rejected; the global model is unchanged",
@@ -176,6 +192,7 @@ class RoundServer:
             "stage": float(ctx.phase.stage), "round_seconds": time.perf_counter() - started,
             **_density_metrics(mask, frozen),
             **_turnover_metrics(state.weights, weights, mask),
+            **(self.discovery_metrics if r == 1 else {}),
         }
         return new_state, metrics
 
@@ -193,6 +210,9 @@ def _invalid_update(upload: ClientResult, weights: Tensors) -> str | None:
             return f"{name} has shape {tuple(tensor.shape)}, expected {tuple(weights[name].shape)}"
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return f"{name} contains NaN or Inf"
+    for name, score in upload.scores.items():
+        if not torch.isfinite(score).all():
+            return f"the scores of {name} contain NaN or Inf"
     return None
 
 
@@ -203,6 +223,15 @@ def _votes(uploads: list[ClientResult]) -> Tensors:
         for name, held in upload.mask.items():
             votes[name] = votes[name] + held.to(torch.int32) if name in votes else held.to(torch.int32)
     return votes
+
+
+def _mean_scores(uploads: list[ClientResult]) -> Tensors:
+    """Per masked tensor any upload scored, the mean over all uploads of their scores (none sent counts as 0)."""
+    totals: Tensors = {}
+    for upload in uploads:
+        for name, score in upload.scores.items():
+            totals[name] = totals[name] + score.float() if name in totals else score.float()
+    return {name: total / len(uploads) for name, total in totals.items()}
 
 
 def _weighted_loss(results: list[ClientResult]) -> float:

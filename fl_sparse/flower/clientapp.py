@@ -114,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
     task = server.task(client, received, memory.frozen, round)
     result = train_client(server.job, task, server.round_context(round))
     up = memory.link("up", client, version, received.masks, schema)
-    reply = exp.uplink_codec.encode(Update(result.weights, result.mask), up)
+    reply = exp.uplink_codec.encode(Update(result.weights, result.mask, result.scores), up)
     exp.uplink_codec.delivered(up)
     return Message(messages.content(reply, round=round, client=client, num_samples=result.num_samples,
                                 train_loss=result.train_loss), reply_to=msg)

@@ -92,8 +92,9 @@ def read_upload(reply: Message, round: int, client: int, limit: int) -> tuple[Cl
 
 def max_payload_bytes(weights: Tensors) -> int:
     """An upper bound on the length of any fl_sparse payload for a model with these tensors: a FreezeAware
-    frame of two sections, each at most every tensor's record in its largest encoding (all values at the
-    wider of float32 and its own dtype, with uint32 indices or a bitmask)."""
+    frame of two sections (a downlink's frozen part, or an uplink's scores), each at most every tensor's record
+    in its largest encoding (all values at the wider of float32 and its own dtype, with uint32 indices or a
+    bitmask)."""
     section = 64  # container header and slack
     for name, tensor in weights.items():
         n = tensor.numel()

@@ -89,6 +89,9 @@ def build(composition: Composition, threads: int = 0) -> Built:
     if threads:
         torch.set_num_threads(threads)
     composed = compose(composition.algorithm, composition.presets, composition.bindings)
+    if composed.experiment.mask_discovery is not None:  # it would train the clients' data on the server
+        raise ConfigError(f"{composition.algorithm}: Experiment.mask_discovery trains clients in one process before "
+                          "round 1, which Flower cannot do yet; run it with fl-sparse run")
     server = RoundServer(composed.experiment)
     return Built(composed, server, max_payload_bytes(server.model.state_dict()))
 

@@ -17,21 +17,23 @@ class UnionAverage(Aggregator):
     whose masks differ (FedDST) a coordinate is divided by the weight of its holders only, and the
     returned mask is the union of the client masks. With ``absent_as_zero`` it is divided by the weight of
     all clients instead, i.e. plain FedAvg of the sparse client models, where a coordinate a client dropped
-    counts as 0 (SparsyFed). With ``server_momentum`` > 0 the mean update
+    counts as 0 (SparsyFed). With ``by_samples = False`` every client weighs the same (FLASH's server). With
+    ``server_momentum`` > 0 the mean update
     becomes a server SGD step with momentum (FedAvgM, Hsu et al. 2019):
     ``buf = beta * buf + (w - mean); w -= server_lr * buf``.
     """
 
-    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0, absent_as_zero: bool = False):
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.0, absent_as_zero: bool = False,
+                 by_samples: bool = True):
         check(server_lr > 0, f"UnionAverage.server_lr={server_lr} must be > 0 (1.0 is plain FedAvg)")
         check(0.0 <= server_momentum < 1.0,
               f"UnionAverage.server_momentum={server_momentum} must lie in [0, 1) (FedAvgM uses 0.9)")
         self.server_lr, self.server_momentum = server_lr, server_momentum
-        self.absent_as_zero = bool(absent_as_zero)
+        self.absent_as_zero, self.by_samples = bool(absent_as_zero), bool(by_samples)
         self.momentum_buffers: Tensors = {}
 
     def aggregate(self, weights, mask, frozen, results: list[ClientResult]):
-        sample_weights = [float(max(r.num_samples, 0)) for r in results]
+        sample_weights = [float(max(r.num_samples, 0)) if self.by_samples else 1.0 for r in results]
         if sum(sample_weights) == 0:  # clients without data still vote equally rather than divide by 0
             sample_weights = [1.0] * len(results)
         mean, union = self._union_mean(weights, results, sample_weights, self.absent_as_zero)

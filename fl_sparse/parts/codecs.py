@@ -53,6 +53,8 @@ body, dense+bitmask(3)  bytes         packed mask as in (1)
                         values        all ``n`` values, bitwise +0.0 (all bits 0) outside the mask
 body, known mask (4)    uint64        value count ``c`` (= set bits of the mask the receiver holds)
                         values        the ``c`` masked values, row-major
+*scores, if any:*       4 + uint32    ``b"SCOR"``, record count; then a record as above per scored masked
+                                      tensor, its mask the non-zero scores (never a known mask)
 ======================  ============  ===========================================================
 
 :class:`FreezeAware` frames its payload as: magic, version, codec id 5 (as above), flags (uint8; bit 0:
@@ -299,7 +301,7 @@ class FreezeAware(CommCodec):
         masks = {name: torch.from_numpy(np.asarray(_bool_numpy(mask) & ~_bool_numpy(frozen[name])))
                  if name in frozen else mask for name, mask in message.masks.items()}
         frozen_part = Message(tensors={name: link.frozen_values[name] for name in frozen}, masks=frozen)
-        return Message(tensors=dict(message.tensors), masks=masks), frozen_part
+        return Message(tensors=dict(message.tensors), masks=masks, scores=message.scores), frozen_part
 
     def same_for_every_client(self, link: Link) -> bool:
         return link.freeze_version == 0 and self.inner.same_for_every_client(link)
@@ -354,8 +356,9 @@ class FreezeAware(CommCodec):
                 raise PayloadError("uplink payload carries a frozen-part section; only the downlink sends one")
             part = self._decode_section(frozen_bytes, link, "frozen-part section")
             unmasked = [name for name in part.tensors if name not in part.masks or name not in main.masks]
-            if unmasked:
-                raise PayloadError(f"frozen-part section has tensors the main section does not mask: {unmasked}")
+            if unmasked or part.scores:
+                raise PayloadError(f"frozen-part section has tensors the main section does not mask ({unmasked}) "
+                                   "or scores")
             frozen_masks, frozen_values = part.masks, part.tensors
         tensors, masks = dict(main.tensors), dict(main.masks)
         for name, frozen in frozen_masks.items():
@@ -372,7 +375,7 @@ class FreezeAware(CommCodec):
             merged_bits = np.where(frozen_np, _bits_numpy(values), _bits_numpy(sent))  # bitwise copy
             tensors[name] = torch.from_numpy(merged_bits).view(sent.dtype)
             masks[name] = torch.from_numpy(np.asarray(sent_mask_np | frozen_np))
-        return Message(tensors=tensors, masks=masks)
+        return Message(tensors=tensors, masks=masks, scores=main.scores)
 
     def frozen_part(self, payload: bytes, link: Link) -> Message | None:
         """The frozen set (``masks``) and values that a downlink ``payload`` delivers, or None when it

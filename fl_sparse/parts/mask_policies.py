@@ -140,16 +140,18 @@ class ClientReadjust(BudgetedMask):
     positional bias: the first rows of a layer); ``"random"`` a draw from the round's seeded generator
     (``random_tie_break = True`` is the same); ``"votes"`` the coordinate more clients proposed (held in
     their uploaded masks), then the lower index, which is how the PFFDST paper describes FedDST's server
-    deciding. The reference prunes with ``torch.topk`` over the whole tensor, whose order among equal values
-    is unspecified. The clients' growth scores (|gradient|) never reach the server: the uplink carries
-    weights and masks only.
+    deciding; ``"votes_then_grad"`` the votes, then the clients' growth scores: in a readjustment round each
+    client uploads the |gradient| of the weights it grew (:meth:`client_scores`, sent beside the weights and
+    counted in the uplink bytes) and the server ranks equal votes by their mean over the round's uploads,
+    then the lower index. The reference prunes with ``torch.topk`` over the whole tensor, whose order among
+    equal values is unspecified; with the other tie-breaks the growth scores never reach the server.
 
     ``readjust_epoch`` (default None: after the last local epoch) readjusts after that local epoch instead,
     so grown weights train in the remaining epochs before upload and arrive non-zero, as in the authors' code
     where clients mostly readjust after local epoch 1 or 2.
     """
 
-    TIE_BREAKS = ("index", "random", "votes")
+    TIE_BREAKS = ("index", "random", "votes", "votes_then_grad")
 
     def __init__(self, ratio: float = 0.01, budget: DensityBudget | None = None, random_tie_break: bool = False,
                  initial: str = "random", tie_break: str = "index", readjust_epoch: int | None = None):
@@ -187,11 +189,27 @@ class ClientReadjust(BudgetedMask):
         scores = {name: grads[name].abs() for name in mask}
         return mask_ops.grow_to(pruned_weights, pruned_mask, before, scores, exclude=mask)
 
+    def client_scores(self, ctx, received_mask, weights, mask, frozen, gradients):
+        if self.tie_break != "votes_then_grad" or not ctx.phase.readjust:
+            return {}
+        grads = gradients()
+        return {name: torch.where(mask[name] & ~received_mask[name], grads[name].abs(), 0.0).to(weights[name].dtype)
+                for name in mask if bool((mask[name] & ~received_mask[name]).any())}
+
+    def _secondary(self, ctx) -> dict | None:
+        """Per masked tensor, what ranks coordinates the server's prune leaves tied (None: the index or a draw)."""
+        if not self.tie_break.startswith("votes") or ctx.votes is None:
+            return None
+        votes = ctx.votes()
+        if self.tie_break == "votes":
+            return votes
+        scores = ctx.scores() if ctx.scores is not None else {}
+        return {name: (count, scores[name]) if name in scores else count for name, count in votes.items()}
+
     def server_step(self, ctx, weights, mask, frozen):
         tie_break = ctx.generator if self.tie_break == "random" else None
-        votes = ctx.votes() if self.tie_break == "votes" and ctx.votes is not None else None
         weights, mask = mask_ops.prune_to(weights, mask, self.counts(ctx.phase.sparsity), frozen,
-                                          tie_break=tie_break, secondary=votes)
+                                          tie_break=tie_break, secondary=self._secondary(ctx))
         return self.grow_for_next_stage(ctx, weights, mask)
 
 

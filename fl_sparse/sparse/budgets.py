@@ -111,3 +111,22 @@ class ScaledERKSparsity(DensityBudget):
 
 def densities(counts: dict[str, int], shapes: Shapes) -> dict[str, float]:
     return {name: counts[name] / max(1, int(np.prod(shapes[name]))) for name in counts}
+
+
+def split_capped(total: int, shares: dict[str, float], caps: dict[str, int]) -> dict[str, int]:
+    """``total`` split over the keys in proportion to ``shares``, none above its cap, what a capped key cannot
+    take going to the others in proportion (water-filling), in integers that sum to min(total, sum of caps)
+    (largest remainders, as :func:`_split_exactly`)."""
+    total, counts, open_keys = min(total, sum(caps.values())), {key: 0 for key in caps}, set(caps)
+    while open_keys:
+        left = total - sum(counts.values())
+        weight = sum(shares[key] for key in open_keys)
+        raw = {key: (shares[key] / weight if weight > 0 else 1 / len(open_keys)) * left for key in open_keys}
+        capped = {key for key in open_keys if raw[key] >= caps[key]}
+        if not capped:
+            split = _split_exactly(left, raw, {key: caps[key] for key in open_keys})
+            return {key: counts[key] + split.get(key, 0) for key in caps}
+        for key in capped:
+            counts[key] = caps[key]
+        open_keys -= capped
+    return counts

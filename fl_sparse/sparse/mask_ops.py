@@ -20,11 +20,15 @@ import torch
 Tensors = dict[str, torch.Tensor]
 
 
+Secondary = torch.Tensor | tuple[torch.Tensor, ...]
+
+
 def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int,
-                   tie_break: torch.Generator | None = None, secondary: torch.Tensor | None = None) -> torch.Tensor:
+                   tie_break: torch.Generator | None = None, secondary: Secondary | None = None) -> torch.Tensor:
     """Flat indices of the k highest scores among eligible coordinates. The lower index wins ties, or, with
     ``tie_break``, a uniformly random subset of the tied coordinates drawn from that generator, or, with
-    ``secondary``, the higher secondary score (then the lower index)."""
+    ``secondary`` (one tensor or several, compared in order), the higher secondary score (then the lower
+    index)."""
     candidates = eligible.flatten().nonzero().squeeze(1)
     if k <= 0 or candidates.numel() == 0:
         return candidates[:0]
@@ -38,8 +42,10 @@ def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int,
     ties = (candidate_scores == threshold).nonzero().squeeze(1)
     needed = k - int(above.sum())
     if secondary is not None and ties.numel() > needed:
-        tied_scores = secondary.flatten()[candidates[ties]].float()
-        ties = ties[torch.sort(tied_scores, descending=True, stable=True).indices]
+        # Stable sorts from the last key to the first order the ties by the keys lexicographically.
+        for key in reversed(secondary if isinstance(secondary, tuple) else (secondary,)):
+            tied_scores = key.flatten()[candidates[ties]].float()
+            ties = ties[torch.sort(tied_scores, descending=True, stable=True).indices]
     elif tie_break is not None and ties.numel() > needed:
         ties = ties[torch.randperm(ties.numel(), generator=tie_break).to(ties.device)]
     ties = ties[:needed]
@@ -50,12 +56,12 @@ def _top_positions(scores: torch.Tensor, eligible: torch.Tensor, k: int,
 
 def prune_to(weights: Tensors, mask: Tensors, counts: dict[str, int], frozen: Tensors | None = None,
              scores: Tensors | None = None, tie_break: torch.Generator | None = None,
-             secondary: Tensors | None = None) -> tuple[Tensors, Tensors]:
+             secondary: dict[str, Secondary] | None = None) -> tuple[Tensors, Tensors]:
     """Keep exactly ``counts[name]`` active coordinates per masked tensor (fewer if fewer are active).
 
     Scores default to |weight|. Frozen coordinates are always kept. Ties at the cut go to the lower flat
     index, or with ``tie_break`` to a random draw from that generator (tensors in ``mask`` order), or with
-    ``secondary`` to the higher secondary score of the tensor (then the lower index).
+    ``secondary`` to the higher secondary score of the tensor (a tuple: compared key by key; then the lower index).
     """
     frozen = frozen or {}
     new_weights, new_mask = dict(weights), dict(mask)

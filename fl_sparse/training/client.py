@@ -8,7 +8,8 @@ lets executors run clients one after another or stacked under ``vmap`` with the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+import functools
+from typing import Callable, Iterator
 
 import torch
 from torch.func import functional_call
@@ -144,28 +145,38 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
     optimizer = job.optimizer.at_round(task.round)
     state = optimizer.init(params)
     step = job.grads_and_loss
-    losses = []
+    losses, scores = [], {}
     batches = batch_positions(task, job.epochs, job.batch_size)
-    step_after = len(batches) // job.epochs * job.mask_policy.client_step_epoch(ctx, job.epochs)
+    step_after = max(1, round(len(batches) // job.epochs * job.mask_policy.client_step_epoch(ctx, job.epochs)))
     for index, (inputs, labels) in enumerate(client_batches(job.data, task.indices, batches), 1):
         grads, loss = step(params, buffers, global_params, inputs, labels)
         params, state = optimizer.step_in_place(params, grads, state, allowed)  # grads are fresh: ours too
         losses.append(loss)
         if index == step_after and index < len(batches):  # readjust now; the rest trains under the new mask
-            weights, mask = _client_step(job, ctx, task, params, buffers, global_params, mask)
+            weights, mask, scores = _client_step(job, ctx, task, params, buffers, global_params, mask)
             params = {name: weights[name].clone() for name in params}
             allowed = {name: gate.to(params[name].dtype) for name, gate in trainable(mask, task.frozen).items()}
     if step_after >= len(batches):
-        weights, mask = _client_step(job, ctx, task, params, buffers, global_params, mask)
+        weights, mask, scores = _client_step(job, ctx, task, params, buffers, global_params, mask)
     else:
         weights = {**params, **buffers}
     mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-    return ClientResult(task.client_id, weights, mask, len(task.indices), mean_loss)
+    return ClientResult(task.client_id, weights, mask, len(task.indices), mean_loss, scores)
+
+
+def mask_update(policy: MaskPolicy, ctx: RoundContext, task: ClientTask, weights: Tensors,
+                gradients: Callable[[], Tensors]) -> tuple[Tensors, Tensors, Tensors]:
+    """The mask policy's client step and the scores the client uploads with it, sharing one (lazy) computation
+    of ``gradients()``: (weights, mask, scores)."""
+    gradients = functools.cache(gradients)
+    weights, mask = policy.client_step(ctx, weights, task.mask, task.frozen, gradients)
+    return weights, mask, policy.client_scores(ctx, task.mask, weights, mask, task.frozen, gradients)
 
 
 def _client_step(job: TrainingJob, ctx: RoundContext, task: ClientTask, params: Tensors, buffers: Tensors,
-                 global_params: Tensors, mask: Tensors) -> tuple[Tensors, Tensors]:
-    """The mask policy's client step at the current weights, with the local loss's gradient on demand."""
+                 global_params: Tensors, mask: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+    """The mask policy's client step and scores at the current weights, with the local loss's gradient on
+    demand: (weights, mask, scores)."""
     step = job.grads_and_loss
     weights = {**params, **buffers}
 
@@ -179,7 +190,7 @@ def _client_step(job: TrainingJob, ctx: RoundContext, task: ClientTask, params: 
                 total[name] += grads[name] * (len(labels) / len(task.indices))
         return total
 
-    return job.mask_policy.client_step(ctx, weights, mask, task.frozen, gradients)
+    return mask_update(job.mask_policy, ctx, dataclasses.replace(task, mask=mask), weights, gradients)
 
 
 @torch.no_grad()

@@ -35,6 +35,9 @@ from fl_sparse.wire.layout import (
     INDEX_DTYPE,
     MAGIC,
     NAME_LENGTH,
+    SCORE_COUNT,
+    SCORES_HEADER,
+    SCORES_MAGIC,
     SECTION_LENGTH,
     TENSOR_CODES,
     VALUE_COUNT,
@@ -113,8 +116,26 @@ def decode_message(payload: bytes, codec_id: int, accept: Acceptance) -> Message
         tensors[name] = tensor
         if mask is not None:
             masks[name] = mask
+    scores = _decode_scores(reader, tensors, masks, accept) if reader.remaining else {}
     reader.expect_end()
-    return Message(tensors=tensors, masks=masks)
+    return Message(tensors=tensors, masks=masks, scores=scores)
+
+
+def _decode_scores(reader: Reader, tensors: dict, masks: dict, accept: Acceptance) -> dict:
+    """The scores section: records checked against the masked tensors just decoded (name, dtype, shape) before
+    anything is allocated, under no known mask."""
+    trailing = reader.remaining
+    if trailing < SCORES_HEADER.size or bytes(reader.take(len(SCORES_MAGIC), "scores magic")) != SCORES_MAGIC:
+        raise PayloadError(f"payload has {trailing} trailing bytes after its last section (not a scores section)")
+    (count,) = reader.unpack(SCORE_COUNT, "scores record count")
+    if count > len(masks):
+        raise PayloadError(f"scores section claims {count} records, the payload masks {len(masks)} tensors")
+    accept = dataclasses.replace(accept, schema=ModelSchema.of({name: tensors[name] for name in masks}), known=None)
+    scores = {}
+    for index in range(count):
+        name, score, _ = _decode_tensor(reader, index, scores, accept)
+        scores[name] = score
+    return scores
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

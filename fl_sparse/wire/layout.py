@@ -32,6 +32,12 @@ INDEX_LIMIT = 2**32  # uint32 indices address at most this many elements
 FREEZE_HEADER = struct.Struct("<4sBBBIQ")
 FREEZE_FLAG_FROZEN_PART = 0x01
 SECTION_LENGTH = struct.Struct("<Q")
+# The optional scores section after the last tensor record (written only for a message with scores, so a payload
+# without any is unchanged): magic, record count, then one tensor record per scored masked tensor, each under
+# the mask of its non-zero scores.
+SCORES_MAGIC = b"SCOR"
+SCORE_COUNT = struct.Struct("<I")
+SCORES_HEADER = struct.Struct("<4sI")  # SCORES_MAGIC, SCORE_COUNT
 
 CODEC_NAMES = {1: "DenseF32", 2: "SparseBitmask", 3: "SparseIndices", 4: "AutoSparse", 5: "FreezeAware",
                6: "KnownMaskSparse"}
@@ -120,20 +126,25 @@ def _is_known(known: KnownMasks, name: str, mask: torch.Tensor) -> bool:
     return known is not None and name in known and torch.equal(known[name].detach().cpu(), mask.detach().cpu())
 
 
+def _record_size(name: str, tensor: torch.Tensor, mask: torch.Tensor | None, float_wire: WireDtype,
+                 choose: EncodingChooser, known: KnownMasks) -> int:
+    wire = wire_dtype_for(tensor.dtype, float_wire)
+    numel = tensor.numel()
+    header = record_header_size(len(name.encode("utf-8")), tensor.dim())
+    if mask is None:
+        return header + body_size(Encoding.DENSE, numel, numel, wire.itemsize)
+    count = int(np.count_nonzero(mask.detach().cpu().numpy()))
+    encoding = Encoding.KNOWN_MASK if _is_known(known, name, mask) else choose(numel, count, wire.itemsize)
+    return header + body_size(encoding, numel, count, wire.itemsize)
+
+
 def message_size(message: Message, float_wire: WireDtype, choose: EncodingChooser, known: KnownMasks = None) -> int:
     """Exact payload size from names, shapes and mask popcounts, without encoding anything."""
-    total = CONTAINER_HEADER.size
-    for name, tensor in message.tensors.items():
-        wire = wire_dtype_for(tensor.dtype, float_wire)
-        numel = tensor.numel()
-        total += record_header_size(len(name.encode("utf-8")), tensor.dim())
-        mask = message.masks.get(name)
-        if mask is None:
-            total += body_size(Encoding.DENSE, numel, numel, wire.itemsize)
-        else:
-            count = int(np.count_nonzero(mask.detach().cpu().numpy()))
-            encoding = Encoding.KNOWN_MASK if _is_known(known, name, mask) else choose(numel, count, wire.itemsize)
-            total += body_size(encoding, numel, count, wire.itemsize)
+    total = CONTAINER_HEADER.size + sum(_record_size(name, tensor, message.masks.get(name), float_wire, choose, known)
+                                        for name, tensor in message.tensors.items())
+    if message.scores:
+        total += SCORES_HEADER.size + sum(_record_size(name, score, score != 0, float_wire, choose, None)
+                                          for name, score in message.scores.items())
     return total
 
 
@@ -156,7 +167,22 @@ def encode_message(message: Message, codec_id: int, float_wire: WireDtype, choos
     parts = [CONTAINER_HEADER.pack(MAGIC, FORMAT_VERSION, codec_id, len(message.tensors))]
     for name, tensor in message.tensors.items():
         _encode_tensor(parts, name, tensor, message.masks.get(name), float_wire, choose, known)
+    if message.scores:
+        _check_scores(message)
+        parts.append(SCORES_HEADER.pack(SCORES_MAGIC, len(message.scores)))
+        for name, score in message.scores.items():
+            _encode_tensor(parts, name, score, score != 0, float_wire, choose, None)
     return b"".join(parts)
+
+
+def _check_scores(message: Message) -> None:
+    for name, score in message.scores.items():
+        tensor = message.tensors.get(name)
+        if name not in message.masks or tensor is None:
+            raise ValueError(f"message has scores for {name!r}, which it does not carry as a masked tensor")
+        if score.shape != tensor.shape or score.dtype != tensor.dtype:
+            raise ValueError(f"scores for {name!r} must be {tensor.dtype} of shape {tuple(tensor.shape)}, "
+                             f"got {score.dtype} {tuple(score.shape)}")
 
 
 def _encode_tensor(parts: list[bytes], name: str, tensor: torch.Tensor, mask: torch.Tensor | None,

@@ -62,7 +62,7 @@ from fl_sparse.core.errors import check
 from fl_sparse.core.interfaces import ClientExecutor, ClientResult, RoundContext, Tensors
 from fl_sparse.parts.executors.sequential import Sequential
 from fl_sparse.sparse.mask_ops import trainable
-from fl_sparse.training.client import ClientTask, TrainingJob, batch_order
+from fl_sparse.training.client import ClientTask, TrainingJob, batch_order, mask_update
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ def _train_group(job: TrainingJob, kernels: _Kernels, tasks: list[ClientTask],
         def gradients(client: int = client) -> Tensors:
             return {name: g[client] for name, g in group_gradients().items()}
 
-        client_weights, mask = job.mask_policy.client_step(ctx, client_weights, task.mask, task.frozen, gradients)
-        results.append(ClientResult(task.client_id, client_weights, mask, len(task.indices), mean_loss[client]))
+        client_weights, mask, scores = mask_update(job.mask_policy, ctx, task, client_weights, gradients)
+        results.append(ClientResult(task.client_id, client_weights, mask, len(task.indices), mean_loss[client],
+                                    scores))
     return results
