@@ -139,3 +139,13 @@ def test_flash_with_freezing_keeps_the_frozen_weights_and_grows_to_the_second_st
         for name, mask in state.mask.items():
             assert bool((state.weights[name][~mask] == 0).all())
     assert frozen_values is not None
+
+
+def test_flower_refuses_a_discovery_phase_in_one_line():
+    from fl_sparse.config.compose import compose
+    from fl_sparse.core.errors import ConfigError
+    from fl_sparse.flower.setup import check_runs_on_flower
+
+    with pytest.raises(ConfigError, match="mask_discovery .* run it with fl-sparse run"):
+        check_runs_on_flower("flash_spdst", compose("flash_spdst", ["demo"], []).experiment)
+    check_runs_on_flower("feddst", compose("feddst", ["demo"], []).experiment)

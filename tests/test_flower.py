@@ -7,11 +7,9 @@ three SuperNodes as separate processes on 127.0.0.1, driven by ``flwr run``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,127 +21,21 @@ import torch
 
 pytest.importorskip("flwr", reason="the flower extra is not installed: pip install 'fl-sparse[flower]'")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
+from flower_helpers import (  # noqa: E402
+    FAULTY_APP,
+    PFFDST_SHORT,
+    LoopbackGrid,
+    assert_same_weights,
+    flower_run,
+    in_process_run,
+    read_results,
+    run_config,
+)
+from flwr.app import Context, RecordDict  # noqa: E402
 
 from fl_sparse.core.errors import ConfigError  # noqa: E402
-from fl_sparse.engine.loop import run_rounds
-from fl_sparse.flower import clientapp, serverapp, setup  # noqa: E402
-from fl_sparse.parts.executors.sequential import Sequential  # noqa: E402
-from fl_sparse.training.client import train_client  # noqa: E402
-
-FAULTY_APP = Path(__file__).resolve().parent / "flower_faulty"
-sys.path.insert(0, str(FAULTY_APP))
-from flower_faults import tamper  # noqa: E402
-
-PFFDST_SHORT = ("ROUNDS = 2", "Experiment.num_clients = 3", "Experiment.clients_per_round = 3",
-                "Experiment.local_epochs = 1", "Experiment.eval_every = 1000")
-
-
-def run_config(*bindings: str, algorithm: str = "pffdst", **extra) -> dict:
-    return {**setup.DEFAULTS, **setup.Composition(algorithm, (), bindings).as_run_config(), "threads": 1,
-            "node-wait": 5.0, **extra}
-
-
-@pytest.fixture
-def task_identity():
-    """Flower stamps each Message with the identity of the process's task, which its runtime sets."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
-class LoopbackGrid(Grid):
-    """Delivers each message to the ClientApp in this process, node ``100 + k`` serving partition ``k``.
-    ``faults`` maps (round, client) to a fault of tests/flower_faults.py, "raise" (the ClientApp fails)
-    or "silent" (no reply)."""
-
-    def __init__(self, config: dict, num_nodes: int, faults: dict | None = None):
-        self.contexts = {100 + k: Context(1, 100 + k, {"partition-id": k}, RecordDict(), config)
-                         for k in range(num_nodes)}
-        self.faults = faults or {}
-
-    def set_run(self, run):
-        self._run = run
-
-    @property
-    def run(self):
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            context = self.contexts[message.metadata.dst_node_id]
-            fault = self.faults.get((message.metadata.group_id, context.node_config["partition-id"]))
-            if fault == "silent":
-                continue
-            try:
-                if fault == "raise":
-                    raise RuntimeError("the ClientApp crashed")
-                reply = clientapp.app(message, context)
-            except Exception as error:  # what Flower's runtime turns a ClientApp exception into
-                reply = Message(Error(0, f"{type(error).__name__}: {error}"), reply_to=message)
-            replies.append(tamper(reply, fault) if fault and not reply.has_error() else reply)
-        return replies
-
-
-def flower_run(config: dict, num_nodes: int, faults: dict | None = None, out=None):
-    """Run the ServerApp's ``main`` on a LoopbackGrid; (final checkpointed state, per-round metrics)."""
-    config = {**config, "checkpoint-dir": str(out / "checkpoints"), "metrics-file": str(out / "metrics.jsonl")}
-    serverapp.main(LoopbackGrid(config, num_nodes, faults), Context(1, 0, {}, RecordDict(), config))
-    return read_results(out)
-
-
-def read_results(out: Path):
-    from fl_sparse.runtime import checkpoint
-
-    state, _ = checkpoint.load(checkpoint.latest(out / "checkpoints"))
-    return state, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def in_process_run(config: dict, damage: dict | None = None):
-    built = setup.build(setup.Composition.from_run_config(config), 1)
-    if damage:
-        built.server.experiment.executor = DamagingExecutor(damage)
-    metrics = []
-    state = run_rounds(built.server, callbacks=[lambda event: metrics.append(event.metrics)]).state
-    return state, metrics
-
-
-class DamagingExecutor(Sequential):
-    """Sends NaN weights from the (round, client) pairs in ``damage``: the in-process engine rejects them."""
-
-    def __init__(self, damage):
-        self.damage = damage
-
-    def train(self, job, tasks, ctx):
-        results = [train_client(job, task, ctx) for task in tasks]
-        for i, result in enumerate(results):
-            if (str(ctx.phase.round), result.client_id) in self.damage:
-                weights = {**result.weights, "fc3.bias": torch.full_like(result.weights["fc3.bias"], float("nan"))}
-                results[i] = dataclasses.replace(result, weights=weights)
-        return results
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name  # same kernels, same thread count, same layout: bitwise
+from fl_sparse.flower import serverapp, setup  # noqa: E402
+from fl_sparse.flower.local import free_port, signal_group  # noqa: E402
 
 
 def test_run_config_keys_match_the_app():
@@ -172,20 +64,73 @@ def test_cli_submits_the_composition_with_flwr_run(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda command, env: calls.append((command, env)) or
                         subprocess.CompletedProcess(command, 0))
-    assert main(["flower", "simulate", "pffdst", "demo", "--rounds", "4", "--set", "threads=1"]) == 0
+    assert main(["flower", "run", "pffdst", "demo", "--superlink", "lab", "--rounds", "4", "--set", "threads=1"]) == 0
     command, env = calls[0]
-    assert command[1:5] == ["run", str(APP_DIR), "local", "--federation-config"] and command[5] == "num-supernodes=20"
-    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
-    config = dict(arg.split("=", 1) for arg in command[7::2])
+    assert command[1:4] == ["run", str(APP_DIR), "lab"] and "--stream" not in command
+    config = dict(arg.split("=", 1) for arg in command[5::2])
     assert config["algorithm"] == '"pffdst"' and config["presets"] == '"demo"' and config["threads"] == "1"
-    assert "ROUNDS = 4\\nPFFDST_ROUNDS = 4" in config["bindings"]
+    assert "ROUNDS = 4\\nPFFDST_ROUNDS = 4" in config["bindings"] and "progress" not in config
     assert main(["flower", "run", "pffdst", "--superlink", "lab", "--stream"]) == 0
-    assert calls[1][0][2:4] == [str(APP_DIR), "lab"] and calls[1][0][-1] == "--stream"
+    assert calls[1][0][-1] == "--stream" and "progress=true" in calls[1][0]  # the stream shows the progress bar
     # a bad composition fails here, in one line, before anything is submitted
     assert main(["flower", "run", "pffdst", "--superlink", "lab", "--bind", "Experiment.rounds = 0"]) == 2
     assert main(["flower", "run", "pffdst", "--superlink", "lab", "--set", "colour=1"]) == 2
     assert len(calls) == 2
     assert capsys.readouterr().err.count("fl-sparse: error:") == 2
+
+
+class FakeFlower:
+    """Stands in for fl_sparse.flower.local.LocalFlower: records the flwr commands, and plays a run that ends
+    with ``status`` (writing the server's summary file when it completes)."""
+
+    status = "finished:completed"
+
+    def __init__(self, env):
+        self.env, self.commands = env, []
+        FakeFlower.last = self
+
+    def __enter__(self):
+        import tempfile
+
+        self.folder = tempfile.TemporaryDirectory()
+        return self
+
+    def __exit__(self, *exc):
+        self.folder.cleanup()
+
+    def flwr(self, *args):
+        self.commands.append(args)
+        config = dict(arg.split("=", 1) for arg in args[4:args.index("--stream"):2])
+        if self.status == "finished:completed":
+            Path(json.loads(config["summary-file"])).write_text("finished 4 of 4 rounds: the summary\n")
+
+    def last_run(self):
+        return {"status": self.status, "status-details": "ServerApp raised ConfigError: something"}
+
+
+def test_simulate_runs_on_its_own_superlink_with_the_actors_it_is_given(monkeypatch, capsys):
+    from fl_sparse.cli.main import main
+    from fl_sparse.flower import APP_DIR, local
+
+    monkeypatch.setattr(local, "LocalFlower", FakeFlower)
+    assert main(["flower", "simulate", "pffdst", "demo", "--rounds", "4", "--workers", "2", "--threads", "3",
+                 "--no-tracking"]) == 0
+    assert capsys.readouterr().out == "finished 4 of 4 rounds: the summary\n"
+    (args,) = FakeFlower.last.commands
+    assert args[:3] == ("run", str(APP_DIR), local.CONNECTION) and "--stream" in args
+    assert args[-2:] == ("--federation-config", "num-supernodes=20 client-resources-num-cpus=3 "
+                                                "init-args-num-cpus=6 init-args-log-to-driver=false")
+    config = dict(arg.split("=", 1) for arg in args[4:args.index("--stream"):2])
+    assert (config["threads"], config["progress"], config["presets"]) == ("3", "true", '"demo"')
+    assert "tracking-uri" not in config and FakeFlower.last.env == {"MLFLOW_TRACKING_URI": ""}
+    # a failed run exits non-zero with Flower's reason in one line; --threads is a flag, not a --set key
+    monkeypatch.setattr(FakeFlower, "status", "finished:failed")
+    assert main(["flower", "simulate", "pffdst", "demo", "--no-tracking"]) == 2
+    assert main(["flower", "simulate", "pffdst", "demo", "--set", "threads=2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == ("fl-sparse: error: the Flower run ended finished:failed: ServerApp raised ConfigError: "
+                      "something")
+    assert err[1].startswith("fl-sparse: error: --set threads=2: give KEY=VALUE with KEY one of") and len(err) == 2
 
 
 def test_loopback_grid_matches_the_in_process_engine_bitwise(task_identity, tmp_path):
@@ -286,12 +231,6 @@ RUN_TIMEOUT = 900  # s; a run takes well under a minute on an idle 2-core machin
 FAULT_PLANS = {1: "1=corrupt 2=wrong-schema", 2: "1=oversized"}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Cluster:
     """A SuperLink and SuperNodes, each the leader of its own process group, with their own FLWR_HOME."""
 
@@ -359,21 +298,14 @@ class Cluster:
     def stop(self) -> None:
         """Stop every process this cluster started, with its process group (SuperExec, App processes)."""
         for process in self.processes:
-            _signal_group(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(process.pid, signal.SIGKILL)  # SuperNodes may ignore SIGTERM; children may linger
+            signal_group(process.pid, signal.SIGKILL)  # SuperNodes may ignore SIGTERM; children may linger
             process.wait()
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")

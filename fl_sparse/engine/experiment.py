@@ -28,7 +28,7 @@ from fl_sparse.core.interfaces import (
     ModelReparameterization,
     SparsitySchedule,
 )
-from fl_sparse.data import CIFAR10
+from fl_sparse.data import CIFAR10, FederatedData
 from fl_sparse.models import lenet
 from fl_sparse.parts.aggregators import UnionAverage
 from fl_sparse.parts.codecs import AutoSparse
@@ -129,6 +129,10 @@ class Experiment:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def load_data(self) -> FederatedData:
+        """The dataset split over the clients: the same split in every process that composes this experiment."""
+        return self.dataset.load(self.num_clients, self.dirichlet_alpha, self.stream_seed("partition"))
 
     def stream_seed(self, stream: str) -> int:
         """The seed of one random stream: partition, model init, or client sampling; the rest use ``seed``."""

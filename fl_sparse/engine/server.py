@@ -16,6 +16,7 @@ from fl_sparse.core.errors import check
 from fl_sparse.core.interfaces import ClientResult, Link, Message, ModelSchema, RoundContext, Tensors
 from fl_sparse.core.rng import generator
 from fl_sparse.core.state import ServerState
+from fl_sparse.data import FederatedData
 from fl_sparse.engine.discovery import InProcessDiscovery
 from fl_sparse.engine.experiment import Experiment
 from fl_sparse.models import maskable_names
@@ -28,10 +29,12 @@ class RoundServer:
     """A built experiment on the server: data loaded, model made, parts set up, and the round's steps.
     :meth:`play_round` plays one round with in-process clients (the experiment's executor)."""
 
-    def __init__(self, experiment: Experiment):
+    def __init__(self, experiment: Experiment, data: FederatedData | None = None):
+        """``data``: the experiment's data, already loaded (a Flower node holding only its own partition);
+        default: :meth:`Experiment.load_data`."""
         self.experiment = exp = experiment
         self.device = exp.torch_device
-        self.data = exp.dataset.load(exp.num_clients, exp.dirichlet_alpha, exp.stream_seed("partition")).to(self.device)
+        self.data = (exp.load_data() if data is None else data).to(self.device)
         # A partitioner may drop clients left without data (PerClassDirichlet); the rest are sampled.
         check(self.data.num_clients >= exp.clients_per_round,
               f"the partition left {self.data.num_clients} of {exp.num_clients} clients with data, fewer than "

@@ -9,6 +9,8 @@ sends each sampled client its downlink as our codec's bytes; the client decodes 
 * :mod:`fl_sparse.flower.clientapp`  ``app``: the ClientApp (``@app.train()``, ``@app.query()``)
 * :mod:`fl_sparse.flower.messages`       how our payloads ride in Flower messages, and what the server accepts
 * :mod:`fl_sparse.flower.setup`      the run config -> the same Experiment on every process
+* :mod:`fl_sparse.flower.partitions` per-node data: one folder per client, loaded by a SuperNode alone
+* :mod:`fl_sparse.flower.local`      ``fl-sparse flower simulate``'s own SuperLink and SuperExec on this machine
 * ``fl_sparse/flower/app/``          the Flower App directory ``flwr run`` builds (``pyproject.toml``)
 
 Only this package imports ``flwr``; the engine and the parts never do.
@@ -16,6 +18,7 @@ Only this package imports ``flwr``; the engine and the parts never do.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fl_sparse.core.errors import FlSparseError
@@ -33,3 +36,10 @@ def require_flwr() -> None:
         import flwr  # noqa: F401
     except ImportError:
         raise MissingFlower("Flower is not installed: pip install 'fl-sparse[flower]'") from None
+
+
+def log_flower_lines_once() -> None:
+    """Let Flower's log lines print through its own console handler only. gin logs through the root logger when it
+    parses a config, and that first call installs a stderr handler on the root (``logging.basicConfig``); from then
+    on every Flower line propagated there too and printed twice."""
+    logging.getLogger("flwr").propagate = False

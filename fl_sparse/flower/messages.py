@@ -16,6 +16,7 @@ can produce for the model), before the codec decodes a single byte.
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: a query's ClientA
 PAYLOAD, ROUND = "fl_sparse.payload", "fl_sparse.round"
 PAYLOAD_STYPE = "fl_sparse.payload"
 QUERY_PARTITION = "partition_id"  # the key of a query reply: the SuperNode's partition id
+QUERY_DIGEST = "partition_sha256"  # and, from a SuperNode that holds only its own data, that data's digest
 TRAIN, QUERY = "train", "query"
 UPLINK_FIELDS = {"round": int, "client": int, "num_samples": int, "train_loss": float}
 
@@ -58,10 +60,12 @@ def payload_of(message: Message, limit: int | None = None) -> bytes:
     return array.data
 
 
-def numbers_of(message: Message, fields: dict[str, type]) -> dict[str, int | float]:
-    """The ``fl_sparse.round`` numbers of ``message``, checked against ``fields`` (name -> type)."""
+def numbers_of(message: Message, fields: dict[str, type], optional: frozenset[str] = frozenset()
+               ) -> dict[str, int | float]:
+    """The ``fl_sparse.round`` numbers of ``message``, checked against ``fields`` (name -> type); the record may
+    also hold keys of ``optional``, which the caller checks."""
     record = message.content.config_records.get(ROUND)
-    if record is None or set(record) != set(fields):
+    if record is None or not set(fields) <= set(record) <= set(fields) | optional:
         raise PayloadError(f"record {ROUND!r} must hold exactly {sorted(fields)}")
     numbers = {}
     for name, kind in fields.items():
@@ -103,14 +107,21 @@ def max_payload_bytes(weights: Tensors) -> int:
     return 64 + 2 * section
 
 
-def partition_reply(message: Message, partition: int) -> Message:
-    return Message(RecordDict({ROUND: ConfigRecord({QUERY_PARTITION: partition})}), reply_to=message)
+def partition_reply(message: Message, partition: int, digest: str | None = None) -> Message:
+    """A query's reply: the SuperNode's partition and, if it holds its own data, that data's SHA-256."""
+    record = {QUERY_PARTITION: partition, **({QUERY_DIGEST: digest} if digest is not None else {})}
+    return Message(RecordDict({ROUND: ConfigRecord(record)}), reply_to=message)
 
 
-def partition_of(reply: Message) -> int:
+def partition_of(reply: Message) -> tuple[int, str | None]:
+    """(partition, digest or None) of a query's reply; :class:`PayloadError` if it is an error or malformed."""
     if reply.has_error():
         raise PayloadError(f"the ClientApp failed: {reply.error.reason[:300]}")
-    return int(numbers_of(reply, {QUERY_PARTITION: int})[QUERY_PARTITION])
+    record = reply.content.config_records.get(ROUND)
+    digest = record.get(QUERY_DIGEST) if record is not None else None
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+        raise PayloadError(f"{ROUND}.{QUERY_DIGEST} = {str(digest)[:80]!r} is not a SHA-256 hex digest")
+    return int(numbers_of(reply, {QUERY_PARTITION: int}, frozenset({QUERY_DIGEST}))[QUERY_PARTITION]), digest
 
 
 def tensors_record(tensors: Tensors) -> ArrayRecord:

@@ -22,19 +22,21 @@ import time
 import warnings
 from pathlib import Path
 
-from fl_sparse.flower import require_flwr
+from fl_sparse.flower import log_flower_lines_once, require_flwr
 
 require_flwr()
+log_flower_lines_once()
 
-from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fl_sparse.core.errors import ConfigError, PayloadError  # noqa: E402
 from fl_sparse.core.state import RoundEvent, ServerState  # noqa: E402
 from fl_sparse.engine.server import RoundServer  # noqa: E402
-from fl_sparse.flower import messages, setup  # noqa: E402
+from fl_sparse.flower import messages, partitions, setup  # noqa: E402
 from fl_sparse.parts.freezing import NoFreeze  # noqa: E402
 from fl_sparse.runtime.callbacks import Callback  # noqa: E402
+from fl_sparse.runtime.progress import ProgressBar  # noqa: E402
 from fl_sparse.runtime.runner import run  # noqa: E402
 from fl_sparse.tracking.store import tracking_uri  # noqa: E402
 from fl_sparse.tracking.tracker import MlflowTracker  # noqa: E402
@@ -59,14 +61,22 @@ def main(grid: Grid, context: Context) -> None:
     directory = str(config["checkpoint-dir"]) or None
     if config["resume"]:
         log.info("fl_sparse: resuming from the newest checkpoint in %s", directory)
-    callbacks = [MetricsLog(config["metrics-file"])]
+    progress = bool(config["progress"])
+    # The bar comes first, as in fl-sparse run, so that it is closed before the tracker's end-of-run messages.
+    callbacks = [ProgressBar()] if progress else []
+    callbacks.append(MetricsLog(config["metrics-file"], logging.DEBUG if progress else logging.INFO))
+    tracker = None
     uri = str(config["tracking-uri"]) or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:  # before the checkpointer, so that a checkpointed round is logged; resume continues its MLflow run
-        callbacks.append(MlflowTracker(tracking_uri(uri), str(config["experiment-name"])))
+        tracker = MlflowTracker(tracking_uri(uri), str(config["experiment-name"]))
+        callbacks.append(tracker)
     result = run(built.composed, callbacks, resume=directory if config["resume"] else None,
                  checkpoint_dir=directory, checkpoint_every=int(config["checkpoint-every"]) if directory else None,
                  server=built.server, play_round=server.play_round)
-    log.info("fl_sparse: %s (by our codecs)", result.summary_line())
+    log.log(logging.DEBUG if progress else logging.INFO, "fl_sparse: %s (by our codecs)", result.summary_line())
+    if config["summary-file"]:  # what fl-sparse run prints at the end; fl-sparse flower simulate prints it
+        lines = [result.summary_line(), *([tracker.how_to_open()] if tracker else [])]
+        Path(str(config["summary-file"])).write_text("\n".join(lines) + "\n")
 
 
 class FlowerRound:
@@ -81,17 +91,22 @@ class FlowerRound:
         num_clients, deadline = self.server.experiment.num_clients, time.monotonic() + wait
         while True:
             asked = [node for node in self.grid.get_node_ids() if node not in self.nodes.values()]
-            queries = [self.grid.create_message(RecordDict(), messages.QUERY, node, "partition") for node in asked]
+            queries = [Message(RecordDict(), node, messages.QUERY, group_id="partition") for node in asked]
             for reply in self.grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
                 node = reply.metadata.src_node_id
                 try:
-                    client = messages.partition_of(reply)
+                    client, digest = messages.partition_of(reply)
                 except PayloadError as error:
                     warnings.warn(f"SuperNode {node} did not say which partition it serves: {error}", stacklevel=2)
                     continue
                 if client in self.nodes or not 0 <= client < num_clients:
                     warnings.warn(f"SuperNode {node} claims partition {client}, which is out of range or taken; "
                                   "ignored", stacklevel=2)
+                    continue
+                if digest is not None and digest != partitions.client_digest(self.server.data, client):
+                    warnings.warn(f"SuperNode {node} holds other data than partition {client} of this experiment; "
+                                  "ignored: write its folder with fl-sparse flower partition and the run's presets "
+                                  "and bindings", stacklevel=2)
                     continue
                 self.nodes[client] = node
             if len(self.nodes) == num_clients:
@@ -100,8 +115,9 @@ class FlowerRound:
             if time.monotonic() > deadline:
                 missing = sorted(set(range(num_clients)) - set(self.nodes))
                 raise ConfigError(f"no SuperNode serves partitions {missing[:10]} after {wait:.0f} s; start one "
-                                  f"per partition with --node-config 'partition-id=K' (Experiment.num_clients="
-                                  f"{num_clients}) or raise node-wait")
+                                  "per partition with --node-config \"data-path='DIR/partition-K'\" (fl-sparse "
+                                  "flower partition) or 'partition-id=K' (Experiment.num_clients="
+                                  f"{num_clients}), or raise node-wait")
             time.sleep(1.0)
 
     def play_round(self, state: ServerState) -> tuple[ServerState, dict[str, float]]:
@@ -112,7 +128,7 @@ class FlowerRound:
         outgoing = {}
         for client, payload in zip(clients, payloads):
             content = messages.content(payload, round=r, client=client, freeze_version=state.freeze_version)
-            outgoing[self.nodes[client]] = self.grid.create_message(content, messages.TRAIN, self.nodes[client], str(r))
+            outgoing[self.nodes[client]] = Message(content, self.nodes[client], messages.TRAIN, group_id=str(r))
         flower_down = sum(map(messages.flower_bytes, outgoing.values()))
         replies = {reply.metadata.src_node_id: reply
                    for reply in self.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout)}
@@ -142,16 +158,16 @@ class FlowerRound:
 
 
 class MetricsLog(Callback):
-    """Logs each round's metrics, our codec's bytes next to what Flower moved, and appends them as one JSON
-    line to ``path`` (if given)."""
+    """Logs each round's metrics at ``level`` (DEBUG under a progress bar), our codec's bytes next to what Flower
+    moved, and appends them as one JSON line to ``path`` (if given)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, level: int = logging.INFO):
+        self.path, self.level = path, level
 
     def on_round_end(self, event: RoundEvent) -> None:
         m = event.metrics
-        log.info("fl_sparse round %d: codec bytes up %d down %d | Flower message bytes up %d down %d | "
-                 "rejected %d | train loss %.4f", event.round, m["uplink_bytes"], m["downlink_bytes"],
+        log.log(self.level, "fl_sparse round %d: codec bytes up %d down %d | Flower message bytes up %d down %d | "
+                "rejected %d | train loss %.4f", event.round, m["uplink_bytes"], m["downlink_bytes"],
                  m["flower_uplink_bytes"], m["flower_downlink_bytes"], m["rejected_clients"], m["train_loss"])
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from fl_sparse.core.errors import ConfigError
@@ -35,6 +36,8 @@ DEFAULTS = {
     # SuperLink's environment, else no tracking); the same tracker as in-process, resumed into the same run
     "tracking-uri": "",
     "experiment-name": "fl_sparse",
+    "progress": False,  # the server shows fl-sparse run's progress bar in its output (fl-sparse flower simulate)
+    "summary-file": "",  # where the server writes fl-sparse run's closing lines after a successful run ("" = none)
 }
 
 
@@ -77,22 +80,31 @@ class Built:
         return self.composed.config_text
 
 
-def build(composition: Composition, threads: int = 0) -> Built:
-    """Compose ``composition`` as ``fl-sparse run`` does and build its server side."""
+def check_runs_on_flower(algorithm: str, experiment) -> None:
+    """Refuse, in one line, a composition Flower cannot run: a discovery phase trains clients in one process
+    before round 1, which would train the clients' data on the server."""
+    if experiment.mask_discovery is not None:
+        raise ConfigError(f"{algorithm}: Experiment.mask_discovery trains clients in one process before round 1, "
+                          "which Flower cannot do yet; run it with fl-sparse run")
+
+
+def build(composition: Composition, threads: int = 0, data_path: str | None = None) -> Built:
+    """Compose ``composition`` as ``fl-sparse run`` does and build its server side: with the whole data set, or,
+    given ``data_path`` (a SuperNode's), with only the partition in that folder (:mod:`fl_sparse.flower.partitions`)."""
     # torch and the engine load here, not at import: a ClientApp process answering a query never needs them.
     import torch
 
     from fl_sparse.config.compose import compose
     from fl_sparse.engine.server import RoundServer
     from fl_sparse.flower.messages import max_payload_bytes
+    from fl_sparse.flower.partitions import load_partition
 
     if threads:
         torch.set_num_threads(threads)
     composed = compose(composition.algorithm, composition.presets, composition.bindings)
-    if composed.experiment.mask_discovery is not None:  # it would train the clients' data on the server
-        raise ConfigError(f"{composition.algorithm}: Experiment.mask_discovery trains clients in one process before "
-                          "round 1, which Flower cannot do yet; run it with fl-sparse run")
-    server = RoundServer(composed.experiment)
+    check_runs_on_flower(composition.algorithm, composed.experiment)
+    data = load_partition(Path(data_path), composed.experiment) if data_path else None
+    server = RoundServer(composed.experiment, data)
     return Built(composed, server, max_payload_bytes(server.model.state_dict()))
 
 
