@@ -124,6 +124,12 @@ class MaskPolicy(abc.ABC):
         dense gradients of the local loss. May return a changed (weights, mask); the default changes nothing."""
         return weights, mask
 
+    def planned_prune(self, ctx: RoundContext, weights: Tensors, mask: Tensors, frozen: Tensors) -> Tensors:
+        """Per masked tensor, the coordinates this round's :meth:`server_step` would prune if the weights did not
+        move from ``weights`` (the model a client received), for a client's objective to act on (FedMef's
+        extrusion); {} when it prunes nothing predictable. The default: {}."""
+        return {}
+
     def client_scores(self, ctx: RoundContext, received_mask: Tensors, weights: Tensors, mask: Tensors,
                       frozen: Tensors, gradients: Callable[[], Tensors]) -> Tensors:
         """Called on each client after :meth:`client_step` with the mask it received and the (weights, mask)
@@ -288,6 +294,13 @@ class CommCodec(abc.ABC):
 
 class LocalObjective(abc.ABC):
     """The client's training loss."""
+
+    def at_round(self, ctx: RoundContext, weights: Tensors, mask: Tensors, frozen: Tensors,
+                 mask_policy: MaskPolicy) -> LocalObjective:
+        """The objective a client trains with in ``ctx``'s round, given the model it received and the run's mask
+        policy (whose :meth:`MaskPolicy.planned_prune` says what the server is about to prune): this one,
+        unless the objective has a term for the round (FedMef's extrusion)."""
+        return self
 
     @abc.abstractmethod
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, params: Tensors,

@@ -214,6 +214,64 @@ class ClientReadjust(BudgetedMask):
 
 
 @gin.configurable
+class ScoredReadjust(BudgetedMask):
+    """The server readjusts the mask from gradients its clients upload: FedMef's base (Huang et al., CVPR 2024),
+    and FedTiny's progressive pruning without its block schedule (Huang et al., ICDCS 2023).
+
+    In a readjustment round of the schedule, with ``k = round(alpha_r * a)`` per layer (``a`` its active unfrozen
+    weights, ``alpha_r = alpha/2 * (1 + cos(pi * progress))``), each client uploads the k largest |gradient| at
+    the positions its received mask leaves out (:meth:`client_scores`, counted in the uplink bytes); the server
+    prunes each layer's k smallest active weights of the averaged model (:meth:`planned_prune`; frozen weights
+    never) and grows the k positions, among those that were inactive, with the largest mean uploaded score, at 0
+    (ties drawn at random from the round's generator). Per-layer counts never change. Clients train under the
+    mask they receive. The gradient is the mean over the client's data at its trained weights, where FedMef and
+    FedTiny take one minibatch's.
+    """
+
+    def __init__(self, alpha: float = 0.2, budget: DensityBudget | None = None, initial: str = "random"):
+        check(0.0 <= alpha <= 1.0, f"ScoredReadjust.alpha={alpha} must lie in [0, 1] (FedMef: 0.2 or 0.3)")
+        super().__init__(budget, initial)
+        self.alpha = alpha
+
+    def replaced(self, ctx, mask, frozen) -> dict[str, int]:
+        """Per layer, how many weights this round's readjustment replaces (k)."""
+        decayed = self.alpha / 2.0 * (1.0 + math.cos(math.pi * ctx.phase.progress))
+        free = mask_ops.active_counts(mask_ops.trainable(mask, frozen))
+        return {name: round(decayed * free[name]) for name in mask}
+
+    def planned_prune(self, ctx, weights, mask, frozen):
+        if not ctx.phase.readjust:
+            return {}
+        k, active = self.replaced(ctx, mask, frozen), mask_ops.active_counts(mask)
+        _, kept = mask_ops.prune_to(weights, mask, {name: active[name] - k[name] for name in mask}, frozen)
+        return {name: mask[name] & ~kept[name] for name in mask}
+
+    def client_scores(self, ctx, received_mask, weights, mask, frozen, gradients):
+        if not ctx.phase.readjust:
+            return {}
+        k, grads, scores = self.replaced(ctx, received_mask, frozen), gradients(), {}
+        for name, held in received_mask.items():
+            magnitude = grads[name].abs().masked_fill(held, -1.0).flatten()  # held positions never chosen
+            count = min(k[name], int((~held).sum()))
+            if count:
+                top = torch.topk(magnitude, count).indices
+                score = torch.zeros_like(magnitude)
+                score[top] = magnitude[top]
+                scores[name] = score.view_as(grads[name]).to(weights[name].dtype)
+        return scores
+
+    def server_step(self, ctx, weights, mask, frozen):
+        if not ctx.phase.readjust:
+            return weights, mask
+        before, low = mask_ops.active_counts(mask), self.planned_prune(ctx, weights, mask, frozen)
+        pruned = {name: mask[name] & ~low[name] for name in mask}
+        weights = mask_ops.apply_mask(weights, pruned)
+        uploaded = ctx.scores() if ctx.scores is not None else {}
+        scores = {name: uploaded.get(name, torch.zeros_like(weights[name])) for name in mask}
+        return mask_ops.grow_to(weights, pruned, before, scores, exclude=mask, tie_break=ctx.generator)
+
+
+@gin.configurable
 class ClientTopK(MaskPolicy):
     """SparsyFed's mask (Guastella et al., ICLR 2025): global magnitude top-k, on clients and on the server.
 

@@ -47,6 +47,39 @@ class Proximal(CrossEntropy):
 
 
 @gin.configurable
+class Extrusion(CrossEntropy):
+    """FedMef's budget-aware extrusion (Huang et al., CVPR 2024): in a round whose server step will prune, the
+    client's loss adds ``strength * ||theta_low||^2``, theta_low being per layer the weights the server would
+    prune if they did not move (:meth:`MaskPolicy.planned_prune`; with :class:`ScoredReadjust` the k smallest-|w|
+    active weights of the model the client received), so that training moves what they carry into the weights
+    that stay. The term's gradient is ``2 * strength * w`` on theta_low and exactly 0 elsewhere, and the term is
+    absent in rounds that prune nothing. FedMef's research code uses 0.01, ramped up from 0 (not here); its
+    budget-aware learning rate is not built (its formula is known only from secondary sources)."""
+
+    def __init__(self, strength: float = 0.01, reference_softmax: bool = False):
+        check(strength >= 0, f"Extrusion.strength={strength} must be >= 0 (FedMef: 0.01)")
+        super().__init__(reference_softmax)
+        self.strength = strength
+
+    def at_round(self, ctx, weights, mask, frozen, mask_policy):
+        low = mask_policy.planned_prune(ctx, weights, mask, frozen)
+        if not self.strength or not any(bool(m.any()) for m in low.values()):
+            return self
+        return _Extruding(self, {name: m.to(weights[name].dtype) for name, m in low.items() if m.any()})
+
+
+class _Extruding(LocalObjective):
+    """An :class:`Extrusion` bound to one round's theta_low (0/1 gates in the weights' dtype)."""
+
+    def __init__(self, base: Extrusion, low: Tensors):
+        self.base, self.low = base, low
+
+    def loss(self, logits, targets, params, global_params):
+        penalty = sum(((params[name] * gate) ** 2).sum() for name, gate in self.low.items())
+        return self.base.loss(logits, targets, params, global_params) + self.base.strength * penalty
+
+
+@gin.configurable
 class ExponentialDecay(LearningRateSchedule):
     """``start`` in round 1, decaying by a constant factor per round to ``end`` in round ``rounds`` (and held
     there after): ``start * (end / start) ** ((r - 1) / (rounds - 1))``. SparsyFed's CIFAR-10 setting: 0.5 to

@@ -102,12 +102,13 @@ def prune_globally_to(weights: Tensors, mask: Tensors, names: list[str], count: 
 
 
 def grow_to(weights: Tensors, mask: Tensors, counts: dict[str, int], scores: Tensors,
-            exclude: Tensors | None = None) -> tuple[Tensors, Tensors]:
+            exclude: Tensors | None = None, tie_break: torch.Generator | None = None) -> tuple[Tensors, Tensors]:
     """Activate the highest-scoring inactive coordinates until ``counts[name]`` are active.
 
     Grown weights start at exactly 0; active coordinates keep their value bitwise. Coordinates in
     ``exclude`` are never grown (FedDST excludes what the client just pruned, so a weight that was
-    active this round is never reset to 0).
+    active this round is never reset to 0). Ties go to the lower index, or with ``tie_break`` to a random
+    draw from that generator.
     """
     new_weights, new_mask = dict(weights), dict(mask)
     for name, active in mask.items():
@@ -115,7 +116,7 @@ def grow_to(weights: Tensors, mask: Tensors, counts: dict[str, int], scores: Ten
         if missing <= 0:
             continue
         eligible = ~active if exclude is None or name not in exclude else ~active & ~exclude[name]
-        grown = _top_positions(scores[name], eligible, missing)
+        grown = _top_positions(scores[name], eligible, missing, tie_break)
         grown_mask = active.clone().flatten()
         grown_mask[grown] = True
         new_mask[name] = grown_mask.view_as(active)

@@ -143,6 +143,9 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
     if job.reparameterization is not None:
         job.reparameterization.start_local_training(job.model)
     optimizer = job.optimizer.at_round(task.round)
+    objective = job.objective.at_round(ctx, task.weights, task.mask, task.frozen, job.mask_policy)
+    if objective is not job.objective:  # a term for this round (its loss_fn is the job's)
+        job = dataclasses.replace(job, objective=objective)
     state = optimizer.init(params)
     step = job.grads_and_loss
     losses, scores = [], {}

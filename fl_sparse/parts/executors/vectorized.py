@@ -105,10 +105,13 @@ class Vectorized(ClientExecutor):
         if not tasks:
             return []
         if (needs_sequential(job.model) or job.mask_policy.client_step_epoch(ctx, job.epochs) < job.epochs
-                or job.optimizer.at_round(ctx.phase.round) is not job.optimizer):
+                or job.optimizer.at_round(ctx.phase.round) is not job.optimizer
+                or job.objective.at_round(ctx, tasks[0].weights, tasks[0].mask, tasks[0].frozen,
+                                          job.mask_policy) is not job.objective):
             if not self._logged_fallback:
                 log.info("Vectorized: %s has BatchNorm or dropout, its clients change their mask before the "
-                         "last epoch, or their learning rate follows a schedule; training them sequentially",
+                         "last epoch, their learning rate follows a schedule or their objective has a term for "
+                         "the round; training them sequentially",
                          type(job.model).__name__)
                 self._logged_fallback = True
             return Sequential().train(job, tasks, ctx)
