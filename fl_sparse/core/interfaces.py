@@ -371,6 +371,15 @@ class DiscoveryClients(abc.ABC):
         order, so that successive calls draw fresh batches."""
 
     @abc.abstractmethod
+    def forward(self, client: int, weights: Tensors, mask: Tensors, passes: int = 1, data_fraction: float = 1.0,
+                update_statistics: bool = False) -> tuple[Tensors, float, int]:
+        """Send (weights, mask) down to ``client`` (counted) and run its model forward only, ``passes`` times over
+        a seeded ``data_fraction`` of its training data: in training mode with the normalisation layers' running
+        statistics reset first when ``update_statistics`` (re-estimating them), in evaluation mode otherwise.
+        Returns the model's buffers afterwards, the objective summed over the last pass's samples, and their
+        number. Nothing is uploaded: the discovery sends what it needs with :meth:`upload`."""
+
+    @abc.abstractmethod
     def upload(self, client: int, values: Tensors) -> Tensors:
         """Send small dense tensors (e.g. one number per layer) up from ``client``: encoded, counted and
         decoded against exactly these names, shapes and dtypes; returns what the server decoded."""
@@ -385,6 +394,9 @@ class MaskDiscovery(abc.ABC):
     densities; PruneFL's and FedTiny's initial pruning would be others). It replaces
     :meth:`MaskPolicy.initial_mask`; the mask policy owns the mask from round 1 on. Its bytes and FLOPs are
     reported as ``discovery_bytes`` / ``discovery_flops`` and count towards the run's totals (and its budget)."""
+
+    def setup(self, model: torch.nn.Module) -> None:
+        """Called once with the run's model before any data moves: refuse a model the discovery cannot use."""
 
     @abc.abstractmethod
     def discover(self, clients: DiscoveryClients, weights: Tensors, mask_names: list[str], sparsity: float,

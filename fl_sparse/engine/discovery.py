@@ -5,8 +5,10 @@ the rounds that follow it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+from torch.func import functional_call
 
 from fl_sparse.core.interfaces import (
     ClientResult,
@@ -23,7 +25,7 @@ from fl_sparse.core.rng import generator
 from fl_sparse.parts.codecs import DenseF32
 from fl_sparse.parts.mask_policies import NoMask
 from fl_sparse.training import accounting
-from fl_sparse.training.client import ClientTask
+from fl_sparse.training.client import ClientTask, client_batches
 
 
 class InProcessDiscovery(DiscoveryClients):
@@ -44,13 +46,10 @@ class InProcessDiscovery(DiscoveryClients):
 
     def train(self, clients: list[int], weights: Tensors, mask: Tensors, epoch: int,
               policy: MaskPolicy | None = None) -> list[ClientResult]:
-        server, codec = self.server, self.experiment.downlink_codec
+        server = self.server
         tasks, batch_seed = [], int(generator(self.seed, "discovery", epoch, 0).initial_seed())
         for client in clients:
-            link = Link("down", client, {}, {}, 0, mask, server.schema)
-            payload = codec.encode(Message(weights, mask), link)
-            self.bytes += len(payload)
-            received = codec.decode(payload, link)
+            received = self._send_down(client, weights, mask)
             indices = server.data.client_train[client]
             # Round 0 is no round's; a seed drawn from the discovery stream keys each epoch's batch order.
             tasks.append(ClientTask(client, received.tensors, received.masks, {}, indices, batch_seed, 0))
@@ -59,6 +58,35 @@ class InProcessDiscovery(DiscoveryClients):
         phase = Phase(0, 0, self.sparsity, 0.0, True, False, False, 0.0)
         ctx = RoundContext(phase, generator(self.seed, "discovery", epoch))
         return self.experiment.executor.train(job, tasks, ctx)
+
+    def _send_down(self, client: int, weights: Tensors, mask: Tensors) -> Message:
+        codec, link = self.experiment.downlink_codec, Link("down", client, {}, {}, 0, mask, self.server.schema)
+        payload = codec.encode(Message(weights, mask), link)
+        self.bytes += len(payload)
+        return codec.decode(payload, link)
+
+    @torch.no_grad()
+    def forward(self, client: int, weights: Tensors, mask: Tensors, passes: int = 1, data_fraction: float = 1.0,
+                update_statistics: bool = False) -> tuple[Tensors, float, int]:
+        server, job = self.server, self.server.job
+        params, buffers = job.split(self._send_down(client, weights, mask).tensors)
+        buffers = {name: _reset(name, b) if update_statistics else b.clone() for name, b in buffers.items()}
+        indices = server.data.client_train[client]
+        order = torch.randperm(len(indices), generator=generator(self.seed, "discovery", 0, 2, client))
+        subset = indices[order[:math.ceil(data_fraction * len(indices))].to(indices.device)]
+        batches = torch.arange(len(subset), device=subset.device).split(job.batch_size)
+        was_training = job.model.training
+        job.model.train(update_statistics)
+        try:
+            for _ in range(passes):
+                total = 0.0
+                for inputs, labels in client_batches(server.data, subset, batches):
+                    logits = functional_call(job.model, (params, buffers), (inputs,))
+                    total += float(job.objective.loss(logits, labels, params, params)) * len(labels)
+        finally:
+            job.model.train(was_training)
+        self.flops += accounting.forward_flops(server.macs, mask, passes * len(subset))
+        return buffers, total if passes else 0.0, len(subset)
 
     def upload(self, client: int, values: Tensors) -> Tensors:
         link = Link("up", client, {}, {}, 0, {}, ModelSchema.of(values))
@@ -75,3 +103,13 @@ class InProcessDiscovery(DiscoveryClients):
 
     def metrics(self) -> dict[str, float]:
         return {"discovery_bytes": float(self.bytes), "discovery_flops": self.flops}
+
+
+def _reset(name: str, buffer: torch.Tensor) -> torch.Tensor:
+    """A normalisation layer's running statistic as a fresh layer holds it (mean 0, variance 1, no batches
+    counted); other buffers unchanged."""
+    if name.endswith("running_var"):
+        return torch.ones_like(buffer)
+    if name.endswith(("running_mean", "num_batches_tracked")):
+        return torch.zeros_like(buffer)
+    return buffer.clone()

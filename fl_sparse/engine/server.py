@@ -43,6 +43,8 @@ class RoundServer:
         model = exp.model(self.data.num_classes)
         self.model = (exp.reparameterization(model) if exp.reparameterization else model).to(self.device)
         exp.mask_policy.setup(self.model, exp.schedule)
+        if exp.mask_discovery is not None:
+            exp.mask_discovery.setup(self.model)
         self.schema = ModelSchema.of(self.model.state_dict())  # what every decoder checks payloads against
         self.macs = accounting.forward_macs(self.model, tuple(self.data.train_x.shape[1:]))
         self.discovery_metrics: dict[str, float] = {}  # a MaskDiscovery's bytes and FLOPs, logged with round 1

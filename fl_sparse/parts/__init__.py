@@ -7,6 +7,7 @@ from fl_sparse.parts import (  # noqa: F401  (imported for their gin registratio
     aggregators,
     budget_rule,
     codecs,
+    fedtiny,
     flash,
     freezing,
     mask_policies,

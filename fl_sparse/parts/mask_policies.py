@@ -226,18 +226,42 @@ class ScoredReadjust(BudgetedMask):
     (ties drawn at random from the round's generator). Per-layer counts never change. Clients train under the
     mask they receive. The gradient is the mean over the client's data at its trained weights, where FedMef and
     FedTiny take one minibatch's.
+
+    ``layers_per_step`` (default 0: every layer in every adjustment, FedMef) readjusts only one block of that many
+    layers per adjustment, from the output layer towards the input and round again (FedTiny's progressive
+    pruning); the other layers keep their masks.
     """
 
-    def __init__(self, alpha: float = 0.2, budget: DensityBudget | None = None, initial: str = "random"):
+    def __init__(self, alpha: float = 0.2, budget: DensityBudget | None = None, initial: str = "random",
+                 layers_per_step: int = 0):
         check(0.0 <= alpha <= 1.0, f"ScoredReadjust.alpha={alpha} must lie in [0, 1] (FedMef: 0.2 or 0.3)")
+        check(isinstance(layers_per_step, int) and layers_per_step >= 0,
+              f"ScoredReadjust.layers_per_step={layers_per_step!r} must be an integer >= 0 (0: every layer)")
         super().__init__(budget, initial)
-        self.alpha = alpha
+        self.alpha, self.layers_per_step = alpha, layers_per_step
+
+    def setup(self, model, schedule):
+        super().setup(model, schedule)
+        check(not self.layers_per_step or hasattr(schedule, "readjust_every"),
+              f"ScoredReadjust.layers_per_step needs a schedule that readjusts every N rounds, not "
+              f"{type(schedule).__name__}")
+
+    def adjusted_layers(self, ctx) -> list[str]:
+        """The layers this round's adjustment touches: all, or the block whose turn it is (output first)."""
+        names = list(self.shapes)
+        if not self.layers_per_step:
+            return names
+        blocks = [names[::-1][start:start + self.layers_per_step]
+                  for start in range(0, len(names), self.layers_per_step)]
+        adjustment = ctx.phase.round // self.schedule.readjust_every - 1  # 0 for the first adjustment
+        return blocks[adjustment % len(blocks)]
 
     def replaced(self, ctx, mask, frozen) -> dict[str, int]:
-        """Per layer, how many weights this round's readjustment replaces (k)."""
+        """Per layer, how many weights this round's readjustment replaces (k; 0 outside the adjusted block)."""
         decayed = self.alpha / 2.0 * (1.0 + math.cos(math.pi * ctx.phase.progress))
         free = mask_ops.active_counts(mask_ops.trainable(mask, frozen))
-        return {name: round(decayed * free[name]) for name in mask}
+        adjusted = set(self.adjusted_layers(ctx))
+        return {name: round(decayed * free[name]) if name in adjusted else 0 for name in mask}
 
     def planned_prune(self, ctx, weights, mask, frozen):
         if not ctx.phase.readjust:

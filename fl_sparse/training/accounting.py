@@ -109,5 +109,10 @@ def training_flops(macs: dict[str, int], mask: Tensors, frozen: Tensors, sample_
     return per_sample * sample_passes
 
 
+def forward_flops(macs: dict[str, int], mask: Tensors, sample_passes: int) -> float:
+    """FLOPs of ``sample_passes`` forward passes of one sample under a mask (no backward, no weight gradient)."""
+    return training_flops(macs, mask, mask, sample_passes) / 2.0
+
+
 def dense_forward_macs(macs: dict[str, int]) -> int:
     return sum(macs.values())
