@@ -17,7 +17,8 @@ from fl_sparse.parts.budget_rule import feddst_budget_gb
 FIRST_COLUMNS = {"table1_4gb": (10, [4, 8, 12, 16]), "table2_s90_34gb": (10, [34, 68, 102, 136]),
                  "table2_s95_17gb": (10, [17, 34, 51, 68]), "table3_s90_34gb": (100, [34, 68, 102, 136]),
                  "table3_s95_17gb": (100, [17, 34, 51, 68]), "vit_cifar10_budget": (10, None),
-                 "table1_4gb_authors": (10, None)}
+                 "table1_4gb_authors": (10, None), "appendix_b_s98_lenet": (10, None),
+                 "appendix_b_s99_lenet": (10, None)}
 
 
 def test_the_rule_is_feddsts_total_rounded_up_to_a_tenth_of_a_megabyte():
