@@ -4,6 +4,7 @@ budget-aware extrusion term on the weights about to be pruned)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from helpers import play, simulation
@@ -89,3 +90,22 @@ def test_a_fedmef_run_keeps_layer_counts_and_pays_for_its_scores_in_adjustment_r
         if adjusting:
             assert metrics["weights_regrown"] == 0  # grown at 0 ...
             assert metrics["weights_dropped"] > 0  # ... in place of pruned non-zero weights
+
+
+def test_activation_pruning_keeps_the_stated_fraction_and_an_exact_forward():
+    from fl_sparse.models import LeNet
+    from fl_sparse.models.powerprop import ActivationPruning, keep_largest
+
+    torch.manual_seed(0)
+    dense = LeNet()
+    pruned = ActivationPruning(keep=0.3)(LeNet())
+    pruned.load_state_dict(dense.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(pruned(x), dense(x))  # the forward pass is exact
+    layer, inputs = pruned.fc2, torch.randn(5, 120, requires_grad=True)
+    out = layer(inputs)
+    grad_w, grad_x = torch.autograd.grad(out.sum(), [layer.weight, inputs])
+    kept = keep_largest(inputs.detach(), 0.3)
+    assert int((kept != 0).sum()) == math.ceil(0.3 * inputs.numel())  # the saved input keeps 30 %
+    assert torch.allclose(grad_w, torch.ones_like(out).T @ kept)  # only the weight gradient uses it
+    assert torch.allclose(grad_x, torch.ones_like(out) @ layer.weight)  # the input gradient stays exact

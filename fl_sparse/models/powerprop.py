@@ -122,6 +122,10 @@ class _PowerpropLayer:
 
     beta: float = 1.0
     prune_activations: bool = False
+    activation_density: float | None = None  # None: the layer's weight density (SWAT); else this fraction
+
+    def _activation_density(self, weight: torch.Tensor) -> float:
+        return _density(weight) if self.activation_density is None else self.activation_density
 
     @property
     def uses_batch_statistics(self) -> bool:
@@ -143,7 +147,7 @@ class PowerpropConv2d(_PowerpropLayer, nn.Conv2d):
         weight = effective_weight(self.weight, self.beta)
         if not self._prunes_now():
             return self._conv_forward(x, weight, self.bias)
-        density, threshold = _density(weight), None
+        density, threshold = self._activation_density(weight), None
         if self.threshold_from_first_batch:
             if self.first_threshold is None:
                 self.first_threshold = magnitude_threshold(x, density)
@@ -159,7 +163,7 @@ class PowerpropLinear(_PowerpropLayer, nn.Linear):
         weight = effective_weight(self.weight, self.beta)
         if not self._prunes_now():
             return F.linear(x, weight, self.bias)
-        return _PrunedInputLinear.apply(x, weight, self.bias, _density(weight))
+        return _PrunedInputLinear.apply(x, weight, self.bias, self._activation_density(weight))
 
 
 @gin.configurable
@@ -187,6 +191,7 @@ class Powerprop(ModelReparameterization):
                                                       f"one of {', '.join(map(repr, self.CONV_THRESHOLDS))}")
         self.beta, self.prune_activations, self.init = float(beta), bool(prune_activations), init
         self.conv_threshold = conv_threshold
+        self.activation_density: float | None = None  # the layer's weight density (see ActivationPruning)
 
     def __repr__(self) -> str:
         return (f"Powerprop(beta={self.beta}, prune_activations={self.prune_activations}, init={self.init!r}, "
@@ -208,6 +213,7 @@ class Powerprop(ModelReparameterization):
                   "set Powerprop.prune_activations = False")
             module.__class__ = powerprop_class  # a subclass adding no state: the parameters stay as they are
             module.beta, module.prune_activations = self.beta, self.prune_activations
+            module.activation_density = self.activation_density
             if isinstance(module, PowerpropConv2d):
                 module.threshold_from_first_batch = self.conv_threshold == "first_batch"
             with torch.no_grad():
@@ -216,3 +222,21 @@ class Powerprop(ModelReparameterization):
                     nn.init.trunc_normal_(module.weight, std=std, a=-2.0 * std, b=2.0 * std)
                 module.weight.copy_(torch.sign(module.weight) * module.weight.abs().pow(1.0 / self.beta))
         return model
+
+
+@gin.configurable
+class ActivationPruning(Powerprop):
+    """FedMef's scaled activation pruning (Huang et al., CVPR 2024) without Powerprop: in training, each conv and
+    linear layer saves for its backward pass only the ``keep`` largest-magnitude entries of its input (FedMef's
+    research code: 1 - gamma with gamma = 0.7, so 0.3), a fixed fraction rather than the layer's weight density.
+    The forward output and the input gradient stay exact; only the weight gradient uses the pruned input, which
+    is what saves activation memory. Evaluation never prunes. Gin:
+    ``Experiment.reparameterization = @ActivationPruning()``."""
+
+    def __init__(self, keep: float = 0.3):
+        check(0.0 < keep <= 1.0, f"ActivationPruning.keep={keep} must lie in (0, 1] (FedMef: 1 - 0.7 = 0.3)")
+        super().__init__(beta=1.0, prune_activations=True)
+        self.activation_density = float(keep)
+
+    def __repr__(self) -> str:
+        return f"ActivationPruning(keep={self.activation_density})"
