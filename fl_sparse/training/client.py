@@ -170,8 +170,10 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
 def mask_update(policy: MaskPolicy, ctx: RoundContext, task: ClientTask, weights: Tensors,
                 gradients: Callable[[], Tensors]) -> tuple[Tensors, Tensors, Tensors]:
     """The mask policy's client step and the scores the client uploads with it, sharing one (lazy) computation
-    of ``gradients()``: (weights, mask, scores)."""
+    of ``gradients()``: (weights, mask, scores). Their random draws come from a generator keyed by the client
+    (seed, round, client id), so a client draws the same numbers whichever executor or process trains it."""
     gradients = functools.cache(gradients)
+    ctx = dataclasses.replace(ctx, generator=generator(task.seed, "mask", task.round, task.client_id))
     weights, mask = policy.client_step(ctx, weights, task.mask, task.frozen, gradients)
     return weights, mask, policy.client_scores(ctx, task.mask, weights, mask, task.frozen, gradients)
 
