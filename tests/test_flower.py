@@ -203,7 +203,7 @@ def test_hostile_replies_are_rejected_and_the_round_aggregates_the_others(task_i
     torch.set_num_threads(1)
     bindings = (*PFFDST_SHORT[:1], "Experiment.num_clients = 5", "Experiment.clients_per_round = 5",
                 *PFFDST_SHORT[3:])
-    config = run_config(*bindings)
+    config = run_config(*bindings, **{"round-timeout": 1.0})  # the silent client is given up on after 1 s
     faults = {("1", 0): "corrupt", ("1", 1): "oversized", ("1", 2): "wrong-schema", ("1", 3): "raise",
               ("2", 0): "wrong-round", ("2", 1): "extra-record", ("2", 2): "inflated-samples", ("2", 3): "silent"}
     with warnings.catch_warnings(record=True) as caught:
