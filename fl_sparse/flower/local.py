@@ -137,8 +137,10 @@ class LocalFlower:
                                f"({self._last_line()}); is the machine overloaded?")
 
     def _last_line(self) -> str:
+        """The SuperLink's first error line (uvicorn's last line only says that start-up failed), else its last."""
         lines = self.log("superlink").read_text(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "no output"
+        errors = [line for line in lines if "rror" in line and "startup failed" not in line]
+        return (errors or lines or ["no output"])[0 if errors else -1]
 
     def flwr(self, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
         """``flwr ARGS`` against this SuperLink (the connection is the private FLWR_HOME's default)."""
