@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -35,14 +36,16 @@ class LoopbackGrid(Grid):
     """Delivers each message to the ClientApp in this process, node ``100 + k`` serving partition ``k`` (node
     config ``node_configs[k]``, default ``partition-id=k``). ``faults`` maps (round, client) to a fault of
     tests/flower_faults.py, "raise" (the ClientApp fails) or "silent" (no reply). ``client_side``: a context
-    manager the ClientApp runs in (e.g. one that makes reading the whole data set fail)."""
+    manager the ClientApp runs in (e.g. one that makes reading the whole data set fail); ``run_id``: the run's id
+    in the ClientApps' contexts (a node worker keeps each run's frozen part apart)."""
 
     def __init__(self, config: dict, num_nodes: int, faults: dict | None = None, node_configs: list | None = None,
-                 client_side=contextlib.nullcontext):
+                 client_side=contextlib.nullcontext, run_id: int = 1):
         node_configs = node_configs or [{"partition-id": k} for k in range(num_nodes)]
-        self.contexts = {100 + k: Context(1, 100 + k, node_configs[k], RecordDict(), config)
+        self.contexts = {100 + k: Context(run_id, 100 + k, node_configs[k], RecordDict(), config)
                          for k in range(num_nodes)}
         self.faults, self.client_side = faults or {}, client_side
+        self.replies = {}
 
     def set_run(self, run):
         self._run = run
@@ -58,27 +61,35 @@ class LoopbackGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        """Each message gets an id and is answered at once; its reply waits for pull_messages."""
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message_id = str(uuid.uuid4())
+            ids.append(message_id)
+            reply = self.answer(message)
+            if reply is not None:
+                self.replies[message_id] = reply
+        return ids
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        return [self.replies.pop(message_id) for message_id in message_ids if message_id in self.replies]
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            context = self.contexts[message.metadata.dst_node_id]
-            fault = self.faults.get((message.metadata.group_id, context.node_id - 100))
-            if fault == "silent":
-                continue
-            try:
-                if fault == "raise":
-                    raise RuntimeError("the ClientApp crashed")
-                with self.client_side():
-                    reply = clientapp.app(message, context)
-            except Exception as error:  # what Flower's runtime turns a ClientApp exception into
-                reply = Message(Error(0, f"{type(error).__name__}: {error}"), reply_to=message)
-            replies.append(tamper(reply, fault) if fault and not reply.has_error() else reply)
-        return replies
+        raise NotImplementedError  # the server pushes and pulls at its own interval
+
+    def answer(self, message):
+        context = self.contexts[message.metadata.dst_node_id]
+        fault = self.faults.get((message.metadata.group_id, context.node_id - 100))
+        if fault == "silent":
+            return None
+        try:
+            if fault == "raise":
+                raise RuntimeError("the ClientApp crashed")
+            with self.client_side():
+                reply = clientapp.app(message, context)
+        except Exception as error:  # what Flower's runtime turns a ClientApp exception into
+            reply = Message(Error(0, f"{type(error).__name__}: {error}"), reply_to=message)
+        return tamper(reply, fault) if fault and not reply.has_error() else reply
 
 
 def flower_run(config: dict, num_nodes: int, faults: dict | None = None, out=None, **grid):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,6 @@ from flwr.app import Context, RecordDict  # noqa: E402
 
 from fl_sparse.core.errors import ConfigError  # noqa: E402
 from fl_sparse.flower import serverapp, setup  # noqa: E402
-from fl_sparse.flower.local import free_port, signal_group  # noqa: E402
 
 
 def test_run_config_keys_match_the_app():
@@ -203,7 +201,7 @@ def test_hostile_replies_are_rejected_and_the_round_aggregates_the_others(task_i
     torch.set_num_threads(1)
     bindings = (*PFFDST_SHORT[:1], "Experiment.num_clients = 5", "Experiment.clients_per_round = 5",
                 *PFFDST_SHORT[3:])
-    config = run_config(*bindings)
+    config = run_config(*bindings, **{"round-timeout": 1.0})  # the silent client is given up on after 1 s
     faults = {("1", 0): "corrupt", ("1", 1): "oversized", ("1", 2): "wrong-schema", ("1", 3): "raise",
               ("2", 0): "wrong-round", ("2", 1): "extra-record", ("2", 2): "inflated-samples", ("2", 3): "silent"}
     with warnings.catch_warnings(record=True) as caught:
@@ -225,111 +223,47 @@ def test_hostile_replies_are_rejected_and_the_round_aggregates_the_others(task_i
 
 # --- the real deployment: 1 SuperLink + 3 SuperNodes as processes on 127.0.0.1 -----------------------------
 
-BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr of this environment
 RUN_TIMEOUT = 900  # s; a run takes well under a minute on an idle 2-core machine, far longer on a loaded one
 # SuperNode 1 and 2 damage their replies in the faulty run (fault-plan: round=fault); the honest app ignores it.
 FAULT_PLANS = {1: "1=corrupt 2=wrong-schema", 2: "1=oversized"}
 
 
-class Cluster:
-    """A SuperLink and SuperNodes, each the leader of its own process group, with their own FLWR_HOME."""
-
-    def __init__(self, root: Path, num_nodes: int):
-        self.root, self.processes = root, []
-        home = root / "flwr_home"
-        home.mkdir()
-        self.port = free_port()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        # --insecure: loopback only. Runtime dependency installation is off: there is no network here.
-        self.start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--disable-runtime-dependency-installation")
-        for k in range(num_nodes):
-            node_config = f'partition-id={k} fault-plan="{FAULT_PLANS.get(k, "")}"'
-            self.start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                       "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config)
-
-    def start(self, name: str, program: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "wb")
-        self.processes.append(subprocess.Popen([str(BIN / program), *args], env=self.env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
-
-    def flwr(self, *args: str) -> dict:
-        done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=self.env, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-        return json.loads(done.stdout)
-
-    def wait_for_superlink(self, deadline: float) -> None:
-        import urllib.request
-
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(1)
-        pytest.fail(f"the SuperLink did not answer on port {self.port}; logs in {self.root}")
-
-    def run(self, app: Path, config: dict) -> dict:
-        """``flwr run`` the app with ``config``, wait for it by polling its status, return the final status."""
-        deadline = time.monotonic() + RUN_TIMEOUT
-        self.wait_for_superlink(deadline)
-        overrides = [arg for key, value in config.items() for arg in ("-c", f"{key}={json.dumps(value)}")]
-        started = self.flwr("run", str(app), "loopback", *overrides)
-        assert started.get("success"), started
-        run_id = started["run-id"]
-        while time.monotonic() < deadline:
-            [run] = self.flwr("ls", "loopback", "--run-id", str(run_id))["runs"]
-            if run["status"].startswith("finished"):
-                return run
-            self.check_alive()
-            time.sleep(2)
-        pytest.fail(f"run {run_id} did not finish within {RUN_TIMEOUT} s; logs in {self.root}")
-
-    def check_alive(self) -> None:
-        for process in self.processes:
-            assert process.poll() is None, f"{process.args[0]} exited with {process.returncode}; logs in {self.root}"
-
-    def stop(self) -> None:
-        """Stop every process this cluster started, with its process group (SuperExec, App processes)."""
-        for process in self.processes:
-            signal_group(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            signal_group(process.pid, signal.SIGKILL)  # SuperNodes may ignore SIGTERM; children may linger
-            process.wait()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("flower"), num_nodes=3)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    """Three SuperNodes: node 0 holds only its partition's folder and trains in a node worker, node 1 splits the
+    whole data set and trains in a node worker, node 2 holds its folder and trains in the ClientApp's own process
+    (no worker-socket): the relay and the in-process path in one run."""
+    from fl_sparse.config.compose import compose
+    from fl_sparse.flower.local import LocalFlower
+    from fl_sparse.flower.partitions import folder_name, write_partitions
+
+    root = tmp_path_factory.mktemp("flower")
+    experiment = compose("pffdst", (), PFFDST_SHORT).experiment
+    write_partitions(experiment, experiment.load_data(), {}, root / "partitions")
+    sockets = [str(root / "workers" / f"node{k}.sock") for k in range(2)]
+    nodes = [f"data-path='{root / 'partitions' / folder_name(0)}' worker-socket='{sockets[0]}'",
+             f"partition-id=1 worker-socket='{sockets[1]}'",
+             f"data-path='{root / 'partitions' / folder_name(2)}'"]
+    nodes = [f'{node} fault-plan="{FAULT_PLANS.get(k, "")}"' for k, node in enumerate(nodes)]
+    with LocalFlower({"HF_HUB_OFFLINE": "1"}, supernodes=nodes, workers=sockets) as flower:
+        flower.root = root
+        yield flower
 
 
-def deployed(cluster: Cluster, app: Path, name: str):
+def deployed(cluster, app: Path, name: str):
     """Run PFFDST_SHORT on the cluster; (final checkpointed state, per-round metrics, run status)."""
     out = cluster.root / name
     config = run_config(*PFFDST_SHORT, **{"checkpoint-dir": str(out / "checkpoints"),
                                           "metrics-file": str(out / "metrics.jsonl"), "node-wait": 300.0})
-    status = cluster.run(app, config)
-    assert status["status"] == "finished:completed", (status["status-details"], f"logs in {cluster.root}")
+    status = cluster.run_to_end(app, config, RUN_TIMEOUT)
+    assert status["status"] == "finished:completed", (status["status-details"], f"logs in {cluster.folder.name}")
     return (*read_results(out), status)
 
 
 def test_loopback_deployment_matches_the_in_process_engine(cluster):
-    """2 rounds of PFFDST through a SuperLink and 3 SuperNodes: the same final model, bit for bit (every
-    process runs the same CPU kernels with 1 thread), and the same codec bytes as the in-process engine."""
+    """2 rounds of PFFDST through a SuperLink and 3 SuperNodes, two of them with node workers: the same final
+    model, bit for bit (every process runs the same CPU kernels with 1 thread), and the same codec bytes as the
+    in-process engine; the workers trained their clients, round 2 with the frozen part they kept."""
     from fl_sparse.flower import APP_DIR
 
     started = time.monotonic()
@@ -344,8 +278,12 @@ def test_loopback_deployment_matches_the_in_process_engine(cluster):
     for ours, theirs in zip(metrics, expected_metrics):
         assert (ours["uplink_bytes"], ours["downlink_bytes"]) == (theirs["uplink_bytes"], theirs["downlink_bytes"])
         assert ours["flower_uplink_bytes"] > ours["uplink_bytes"]
+    for k in range(2):
+        trained = [line for line in cluster.log(f"worker{k}").read_text().splitlines() if "node worker: run" in line]
+        assert [line.split(" client ")[0].split(" round ")[1] for line in trained[-2:]] == ["1", "2"], trained
 
 
+@pytest.mark.slow  # another deployment run (about 90 s on a loaded 2-core host); the loopback Grid test covers it
 def test_deployment_with_faulty_supernodes_rejects_them_and_goes_on(cluster):
     """SuperNodes 1 and 2 run a ClientApp that corrupts (round 1), oversizes (round 1) or sends another
     model's payload (round 2): each reply is rejected, the rounds aggregate the honest ones."""

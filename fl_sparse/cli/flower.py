@@ -7,6 +7,9 @@
   shows the progress bar and prints the summary line, and stops every Flower process when the run ends
 * ``fl-sparse flower partition PRESETS --out DIR``  one folder per client's data, for SuperNodes started with
   ``--node-config "data-path='DIR/partition-K'"`` (:mod:`fl_sparse.flower.partitions`)
+* ``fl-sparse flower node-worker --socket PATH``  the long-lived process beside a SuperNode started with
+  ``--node-config "worker-socket='PATH'"``: it trains, the per-message ClientApp only relays
+  (:mod:`fl_sparse.flower.nodeworker`)
 
 Each checks the composition here first (a bad binding fails in one line before anything starts).
 """
@@ -60,6 +63,10 @@ def add_parser(commands) -> None:
                                                      "SuperNodes that hold only theirs (--node-config data-path)")
     partition.add_argument("presets", nargs="+", help="the run's presets: they decide the split")
     partition.add_argument("--out", required=True, help="a new directory; gets partition-0000, partition-0001, ...")
+    worker = actions.add_parser("node-worker", help="train this SuperNode's client in one long-lived process; "
+                                                    "start the SuperNode with --node-config \"worker-socket='PATH'\"")
+    worker.add_argument("--socket", required=True, metavar="PATH",
+                        help="the Unix socket to listen on; its directory is created private (mode 0700)")
     for parser in (run, simulate, partition):
         parser.add_argument("--bind", action="append", default=[], metavar="NAME.PARAM=VALUE", help="gin binding")
         parser.add_argument("--seed", type=int, help="seed of partition, model init, sampling and training")
@@ -73,6 +80,8 @@ def main(args: argparse.Namespace) -> int:
     require_flwr()
     if args.flower_command == "partition":
         return _partition(args)
+    if args.flower_command == "node-worker":
+        return _node_worker(args)
     composed = flags.compose(args)  # validates the composition before anything is submitted
     from fl_sparse.flower.setup import Composition, check_runs_on_flower
 
@@ -131,9 +140,9 @@ def _simulate(args: argparse.Namespace, experiment, config: dict) -> int:
 def _run_args(superlink: str, config: dict, settings: list[str], stream: bool) -> list[str]:
     """``flwr run``'s arguments that submit the app with ``config`` and the ``--set KEY=VALUE`` settings."""
     from fl_sparse.flower import APP_DIR
-    from fl_sparse.flower.setup import DEFAULTS
+    from fl_sparse.flower.setup import DEFAULTS, toml_value
 
-    overrides = [f"{key}={_toml(value)}" for key, value in config.items()]
+    overrides = [f"{key}={toml_value(value)}" for key, value in config.items()]
     for item in settings:
         key = item.split("=", 1)[0].strip()
         if "=" not in item or key not in DEFAULTS or key in config:
@@ -164,10 +173,17 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    text = str(value)
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+def _node_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from fl_sparse.flower.nodeworker import serve
+
+    # one line per message (where its time went) and every refusal, on stderr
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    def announce(path: Path) -> None:
+        print(f"fl-sparse: node worker listening on {path}; start the SuperNode with --node-config "
+              f"\"worker-socket='{path.resolve()}'\"", flush=True)
+
+    serve(Path(args.socket), announce)
+    return 0

@@ -1,4 +1,5 @@
-"""``fl-sparse flower simulate``'s own Flower on this machine: a SuperLink and a SuperExec for one command.
+"""``fl-sparse flower simulate``'s own Flower on this machine: a SuperLink and a SuperExec for one command (and, for
+tests and benchmarks, a loopback deployment: a SuperLink, SuperNodes and their node workers on 127.0.0.1).
 
 ``flwr run APP local`` starts flwr's managed local SuperLink (``flwr/cli/local_superlink.py``) detached, on fixed
 ports (39091) of the shared ``$FLWR_HOME``, and leaves it running after the run. :class:`LocalFlower` starts the
@@ -50,11 +51,18 @@ def free_port() -> int:
 
 class LocalFlower:
     """A private SuperLink and SuperExec, started on ``__enter__`` and stopped (with every process they started)
-    on ``__exit__``. ``env``: more environment variables for them."""
+    on ``__exit__``. ``env``: more environment variables for them.
 
-    def __init__(self, env: dict[str, str] | None = None):
+    With ``supernodes`` (one ``--node-config`` string each), a loopback deployment instead: a deployment SuperLink
+    (``--isolation subprocess``: it runs the ServerApp itself) and one ``flower-supernode`` per node config, all on
+    127.0.0.1 without TLS; with ``workers`` (socket paths), a ``fl-sparse flower node-worker`` on each. Tests and
+    benchmarks use it; a real deployment starts the same commands on its hosts (``docs/scale-out.md``)."""
+
+    def __init__(self, env: dict[str, str] | None = None, supernodes: list[str] | None = None,
+                 workers: list[str] = ()):
         self.scripts = Path(sys.executable).parent  # flwr, flower-superlink, flower-superexec of this environment
         self.extra_env = dict(env or {})
+        self.supernodes, self.workers = supernodes, list(workers)
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> "LocalFlower":
@@ -68,11 +76,15 @@ class LocalFlower:
                     "PATH": f"{self.scripts}{os.pathsep}{os.environ.get('PATH', '')}",
                     **self.extra_env}
         try:
-            # --insecure: it listens on 127.0.0.1 only, for this command's flwr and SuperExec
-            self._start("superlink", "flower-superlink", "--insecure", "--simulation", "--isolation", "process",
-                        "--host", "127.0.0.1", "--port", str(port))
-            self._wait_for_health(port)
-            self._start("superexec", "flower-superexec", "--insecure", "--runtime-api-address", f"127.0.0.1:{port}")
+            if self.supernodes is None:
+                # --insecure: it listens on 127.0.0.1 only, for this command's flwr and SuperExec
+                self._start("superlink", "flower-superlink", "--insecure", "--simulation", "--isolation", "process",
+                            "--host", "127.0.0.1", "--port", str(port))
+                self._wait_for_health(port)
+                self._start("superexec", "flower-superexec", "--insecure", "--runtime-api-address",
+                            f"127.0.0.1:{port}")
+            else:
+                self._start_deployment(port)
         except BaseException:
             self.stop()
             raise
@@ -81,8 +93,30 @@ class LocalFlower:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _start_deployment(self, port: int) -> None:
+        """The SuperLink (all its APIs on ``port``), a node worker per socket, then a SuperNode per node config."""
+        self._start("superlink", "flower-superlink", "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+                    "--port", str(port), "--disable-runtime-dependency-installation")
+        self._wait_for_health(port)
+        for k, path in enumerate(self.workers):
+            self._start(f"worker{k}", sys.executable, "-m", "fl_sparse.cli", "flower", "node-worker", "--socket", path)
+        for k, node_config in enumerate(self.supernodes):
+            self._start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                        "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config)
+
+    def log(self, name: str) -> Path:
+        """The output of process ``name`` (superlink, superexec, supernode0, worker0, ...)."""
+        return Path(self.folder.name) / f"{name}.log"
+
+    def check_alive(self) -> None:
+        """:class:`FlowerStartError` naming the first of this command's processes that has exited."""
+        for process in self.processes:
+            if process.poll() is not None:
+                raise FlowerStartError(f"{Path(process.args[0]).name} {' '.join(process.args[1:4])} exited with "
+                                       f"code {process.returncode}")
+
     def _start(self, name: str, program: str, *args: str) -> None:
-        with open(Path(self.folder.name) / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+        with open(self.log(name), "wb") as log:  # the child keeps its own descriptor
             self.processes.append(subprocess.Popen([str(self.scripts / program), *args], env=self.env, stdout=log,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                    start_new_session=True))  # its own group: Ctrl-C is ours
@@ -103,12 +137,42 @@ class LocalFlower:
                                f"({self._last_line()}); is the machine overloaded?")
 
     def _last_line(self) -> str:
-        lines = (Path(self.folder.name) / "superlink.log").read_text(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "no output"
+        """The SuperLink's first error line (uvicorn's last line only says that start-up failed), else its last."""
+        lines = self.log("superlink").read_text(errors="replace").strip().splitlines()
+        errors = [line for line in lines if "rror" in line and "startup failed" not in line]
+        return (errors or lines or ["no output"])[0 if errors else -1]
 
     def flwr(self, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
         """``flwr ARGS`` against this SuperLink (the connection is the private FLWR_HOME's default)."""
         return subprocess.run([str(self.scripts / "flwr"), *args], env=self.env, capture_output=capture, text=True)
+
+    def run_to_end(self, app: Path, config: dict, timeout: float) -> dict:
+        """``flwr run APP`` with ``config`` (run config keys and values), then poll its status every second until it
+        finishes (:class:`FlSparseError` after ``timeout`` s, or when a process of this command exits); its
+        ``flwr ls`` entry."""
+        deadline = time.monotonic() + timeout
+        from fl_sparse.flower.setup import toml_value
+
+        overrides = [arg for key, value in config.items() for arg in ("-c", f"{key}={toml_value(value)}")]
+        started = self._flwr_json("run", str(app), CONNECTION, *overrides)
+        while time.monotonic() < deadline:
+            [run] = self._flwr_json("ls", CONNECTION, "--run-id", str(started["run-id"]))["runs"]
+            if run["status"].startswith("finished"):
+                return run
+            self.check_alive()
+            time.sleep(1.0)
+        raise FlSparseError(f"the Flower run {started['run-id']} did not finish within {timeout:.0f} s; logs in "
+                            f"{self.folder.name}")
+
+    def _flwr_json(self, *args: str) -> dict:
+        done = self.flwr(*args, "--format", "json", capture=True)
+        try:
+            answer = json.loads(done.stdout)
+        except ValueError:
+            answer = {}
+        if done.returncode != 0 or answer.get("success") is False:
+            raise FlSparseError(f"flwr {args[0]} failed: {(done.stdout + done.stderr).strip()[-500:]}")
+        return answer
 
     def last_run(self) -> dict:
         """``flwr ls --format json``'s entry of the run submitted last (this SuperLink serves this command only)."""
@@ -120,11 +184,13 @@ class LocalFlower:
                                 f"{(done.stdout + done.stderr).strip()[-300:]}") from None
 
     def stop(self) -> None:
-        """Stop the SuperExec's group (flwr-simulation, the ServerApp, Ray), then the SuperLink's; SIGKILL what is
-        left after STOP_TIMEOUT_S. Removes the private FLWR_HOME."""
+        """SIGTERM every process group this command started (the SuperExec's holds flwr-simulation, the ServerApp
+        and Ray; a SuperNode's its SuperExec and ClientApps), newest first; SIGKILL what is left after
+        STOP_TIMEOUT_S. Removes the private FLWR_HOME."""
         for process in reversed(self.processes):
             signal_group(process.pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for process in reversed(self.processes):
             while _group_alive(process) and time.monotonic() < deadline:
                 time.sleep(0.1)
             signal_group(process.pid, signal.SIGKILL)  # what ignored SIGTERM; the group's other members too

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
@@ -64,15 +64,22 @@ def numbers_of(message: Message, fields: dict[str, type], optional: frozenset[st
                ) -> dict[str, int | float]:
     """The ``fl_sparse.round`` numbers of ``message``, checked against ``fields`` (name -> type); the record may
     also hold keys of ``optional``, which the caller checks."""
-    record = message.content.config_records.get(ROUND)
+    return checked_numbers(message.content.config_records.get(ROUND), fields, optional)
+
+
+def checked_numbers(record: Mapping | None, fields: dict[str, type], optional: frozenset[str] = frozenset(),
+                    where: str = ROUND) -> dict[str, int | float]:
+    """The numbers ``fields`` (name -> int or float) of ``record`` (a message's ``fl_sparse.round`` record, or a
+    node worker's frame header, named ``where`` in errors); :class:`PayloadError` unless it holds exactly those
+    (and maybe keys of ``optional``), each a number of its type (a bool is not one)."""
     if record is None or not set(fields) <= set(record) <= set(fields) | optional:
-        raise PayloadError(f"record {ROUND!r} must hold exactly {sorted(fields)}")
+        raise PayloadError(f"record {where!r} must hold exactly {sorted(fields)}")
     numbers = {}
     for name, kind in fields.items():
         value = record[name]
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or (kind is int and not isinstance(value, int))):
-            raise PayloadError(f"{ROUND}.{name} = {value!r} is not a {kind.__name__}")
+            raise PayloadError(f"{where}.{name} = {value!r} is not a {kind.__name__}")
         numbers[name] = kind(value)
     return numbers
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
@@ -35,6 +35,38 @@ FORMAT = "fl_sparse.partition/1"
 MANIFEST, ARRAYS = "manifest.json", "train.npz"
 MANIFEST_KEYS = {"format", "partition", "num_partitions", "num_samples", "num_classes", "label_histogram", "sha256",
                  "mean", "std", "split", "source", "composition"}
+
+
+def data_path(node_config: Mapping) -> str | None:
+    """The folder of this SuperNode's own data (node config ``data-path``), or None: it splits the whole data set."""
+    path = node_config.get("data-path")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ConfigError(f"node config data-path={path!r}: give the folder that fl-sparse flower partition wrote "
+                          "for this node, e.g. --node-config \"data-path='/data/partition-0003'\"")
+    return path
+
+
+def node_partition(node_config: Mapping, num_clients: int | None = None) -> tuple[int, str | None]:
+    """A SuperNode's partition and, when it holds only its own data (``data-path``), that data's digest."""
+    path = data_path(node_config)
+    if path is None:
+        return partition_id(node_config, num_clients), None
+    manifest = read_manifest(Path(path))
+    declared = node_config.get("partition-id")
+    if declared is not None and declared != manifest["partition"]:
+        raise ConfigError(f"node config partition-id={declared!r}, but data-path {path} holds partition "
+                          f"{manifest['partition']}; drop partition-id, the folder names the partition")
+    return manifest["partition"], manifest["sha256"]
+
+
+def partition_id(node_config: Mapping, num_clients: int | None = None) -> int:
+    """A SuperNode's partition, from its node config (checked against ``num_clients`` when given)."""
+    value = node_config.get("partition-id")
+    if (isinstance(value, bool) or not isinstance(value, int) or value < 0
+            or (num_clients is not None and value >= num_clients)):
+        raise ConfigError(f"node config partition-id={value!r}: start the SuperNode with --node-config "
+                          f"'partition-id=K' for a K in [0, Experiment.num_clients)")
+    return value
 
 
 def folder_name(partition: int) -> str:

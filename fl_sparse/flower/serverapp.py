@@ -4,9 +4,10 @@
 every SuperNode which partition it serves (a ``query`` message), then runs it with the same run path as
 ``fl-sparse run`` (:func:`fl_sparse.runtime.runner.run`: resume, checkpoints, the round loop and its stop
 conditions), with :class:`FlowerRound` as the round's player: each round samples clients, encodes their
-downlinks with our ``CommCodec`` (:meth:`~fl_sparse.engine.server.RoundServer.encode_downlinks`), sends them
-with ``grid.send_and_receive``, checks and decodes the replies (:func:`fl_sparse.flower.messages.read_upload`,
-:meth:`~fl_sparse.engine.server.RoundServer.receive_uploads`) and closes the round with the Aggregator,
+downlinks with our ``CommCodec`` (:meth:`~fl_sparse.engine.server.RoundServer.encode_downlinks`), pushes them
+and pulls the replies every 0.1 s (:func:`exchange`), checks and decodes the replies
+(:func:`fl_sparse.flower.messages.read_upload`, :meth:`~fl_sparse.engine.server.RoundServer.receive_uploads`) and
+closes the round with the Aggregator,
 FreezePolicy and MaskPolicy (:meth:`~fl_sparse.engine.server.RoundServer.close_round`). State, byte counts and
 checkpoints are the engine's and the runtime's. A reply that is missing, late, an error, malformed, oversized or
 not of the model is rejected
@@ -41,6 +42,7 @@ from fl_sparse.runtime.runner import run  # noqa: E402
 from fl_sparse.tracking.store import tracking_uri  # noqa: E402
 from fl_sparse.tracking.tracker import MlflowTracker  # noqa: E402
 
+POLL_S = 0.1  # seconds between the server's pulls of replies
 log = logging.getLogger("flwr")  # Flower's logger: the lines reach `flwr log` and the SuperLink's log
 app = ServerApp()
 
@@ -92,8 +94,7 @@ class FlowerRound:
         while True:
             asked = [node for node in self.grid.get_node_ids() if node not in self.nodes.values()]
             queries = [Message(RecordDict(), node, messages.QUERY, group_id="partition") for node in asked]
-            for reply in self.grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
-                node = reply.metadata.src_node_id
+            for node, reply in exchange(self.grid, queries, max(1.0, deadline - time.monotonic())).items():
                 try:
                     client, digest = messages.partition_of(reply)
                 except PayloadError as error:
@@ -130,8 +131,7 @@ class FlowerRound:
             content = messages.content(payload, round=r, client=client, freeze_version=state.freeze_version)
             outgoing[self.nodes[client]] = Message(content, self.nodes[client], messages.TRAIN, group_id=str(r))
         flower_down = sum(map(messages.flower_bytes, outgoing.values()))
-        replies = {reply.metadata.src_node_id: reply
-                   for reply in self.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout)}
+        replies = exchange(self.grid, list(outgoing.values()), self.timeout)
 
         arrivals, flower_up = [], 0
         for client in clients:
@@ -155,6 +155,26 @@ class FlowerRound:
         new_state, metrics = sim.close_round(state, ctx, clients, uploads, up_bytes, sum(map(len, payloads)), started)
         metrics.update({"flower_downlink_bytes": float(flower_down), "flower_uplink_bytes": float(flower_up)})
         return new_state, metrics
+
+
+def exchange(grid: Grid, outgoing: list[Message], timeout: float) -> dict[int, Message]:
+    """Push ``outgoing`` and pull their replies every :data:`POLL_S` until each has one or ``timeout`` seconds
+    have passed; the replies by the node each message was sent to. (``Grid.send_and_receive`` of Flower's
+    deployment runtime sleeps 3 s between pulls, which a round would pay once or twice.)"""
+    deadline = time.monotonic() + timeout
+    pushed = grid.push_messages(outgoing)
+    pending = {message_id: message.metadata.dst_node_id
+               for message_id, message in zip(pushed, outgoing) if message_id}  # None: Flower refused to push it
+    replies: dict[int, Message] = {}
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is not None:
+                replies[node] = reply
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_S)
+    return replies
 
 
 class MetricsLog(Callback):

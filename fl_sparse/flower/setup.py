@@ -59,6 +59,16 @@ class Composition:
         return {"algorithm": self.algorithm, "presets": ",".join(self.presets), "bindings": "\n".join(self.bindings)}
 
 
+def toml_value(value) -> str:
+    """``value`` as TOML, as ``flwr run -c KEY=VALUE`` takes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 def settings(run_config: Mapping[str, object]) -> dict[str, object]:
     """The run config with defaults filled in; an unknown key is a one-line error."""
     unknown = sorted(set(run_config) - set(DEFAULTS))
