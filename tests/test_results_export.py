@@ -47,6 +47,20 @@ def test_export_round_trips_exactly_and_rewrites_identical_bytes(tmp_path):
     assert lines[1].endswith(",0.1,") and lines[2].endswith(",0.30000000000000004,1e-300")
 
 
+def test_export_writes_no_path_of_the_machine_it_ran_on(tmp_path):
+    run = record("feddst", 0, [0.1], 1, 1)
+    run.info["data"] = "CIFAR-10 from /home/me/data/cifar-10-batches-py"
+    run.info["params"].update({"macros/DATA_DIR": "/home/me/data", "CIFAR10.data_dir": "/home/me/data"})
+    run.config = "DATA_DIR = '/home/me/data'\nCIFAR10.data_dir = %DATA_DIR\n"
+    export_format.write([run], tmp_path)
+    texts = {path.suffix: path.read_text() for path in tmp_path.iterdir()}
+    assert not any("/home/me" in text for text in texts.values())
+    assert "DATA_DIR = '<data-dir>'" in texts[".gin"]
+    (back,) = export_format.read(tmp_path)
+    assert back.info["data"] == "CIFAR-10 from <data-dir>/cifar-10-batches-py"
+    assert back.info["params"]["CIFAR10.data_dir"] == "<data-dir>"
+
+
 def test_colliding_names_get_the_run_id():
     records = export_format.unique_names([record("fedavg", 0, [0.1], 1, 1, "aaaaaaaa11"),
                                             record("fedavg", 0, [0.1], 1, 1, "bbbbbbbb22"),

@@ -11,6 +11,9 @@
 * ``<name>.json``: identity and provenance: run id, experiment, algorithm, presets, seed, status, start and
   end time, the code commit when the run recorded one, and every logged parameter.
 
+The data directory a run read is a path of the machine it ran on, so the files write it as ``<data-dir>``
+(:data:`DATA_DIR_PLACEHOLDER`): exports are committed, and a path of one machine means nothing on another.
+
 Floats are written with ``repr``, the shortest text that reads back to the same double, so reading an
 export gives exactly the numbers MLflow held, and exporting again gives identical bytes. ``fl-sparse
 report`` reads these records (:func:`read`), and the MLflow path builds the same records in memory
@@ -31,6 +34,7 @@ from fl_sparse.core.errors import ConfigError
 FORMAT_VERSION = 1
 CONFIG_ARTIFACTS = ("operative_config.gin", "config.gin")  # the resolved config first
 COMMIT_TAGS = ("commit", "mlflow.source.git.commit")
+DATA_DIR_PLACEHOLDER = "<data-dir>"
 
 
 @dataclasses.dataclass
@@ -83,6 +87,21 @@ def csv_text(record: RunRecord) -> str:
     return out.getvalue()
 
 
+def machine_paths(info: dict) -> list[str]:
+    """The data directories a run's params name (``*.data_dir`` bindings, the ``DATA_DIR`` macro), longest
+    first, so that a directory inside another is replaced whole."""
+    params = info.get("params", {})
+    paths = {value for key, value in params.items()
+             if (key.endswith(".data_dir") or key == "macros/DATA_DIR") and str(value).startswith("/")}
+    return sorted(paths, key=len, reverse=True)
+
+
+def portable(text: str, paths: list[str]) -> str:
+    for path in paths:
+        text = text.replace(path, DATA_DIR_PLACEHOLDER)
+    return text
+
+
 def write(records: list[RunRecord], out: Path) -> list[Path]:
     """Write each record as ``<name>.csv``, ``.gin`` and ``.json`` into ``out``; returns the paths.
 
@@ -97,8 +116,9 @@ def write(records: list[RunRecord], out: Path) -> list[Path]:
                 meta.with_suffix(suffix).unlink(missing_ok=True)
     written = []
     for record in records:
-        files = {".csv": csv_text(record), ".gin": record.config,
-                 ".json": json.dumps(record.info, indent=1, sort_keys=True) + "\n"}
+        paths = machine_paths(record.info)
+        files = {".csv": csv_text(record), ".gin": portable(record.config, paths),
+                 ".json": portable(json.dumps(record.info, indent=1, sort_keys=True) + "\n", paths)}
         for suffix, text in files.items():
             path = out / f"{record.name}{suffix}"
             path.write_text(text)
