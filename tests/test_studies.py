@@ -220,3 +220,22 @@ def test_status_reads_the_output_folder_only(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
     context = StudyContext("tiny", str(tmp_path / "none"), "", None, 1, 0, 1)
     assert context.folder(spec.load(path).trials[0]).parent.name == "trials"
+
+
+def test_a_report_reads_a_baseline_from_another_study_without_running_it(tmp_path, capsys):
+    """`runs = ["STUDY/GROUP"]`: FedDST run once by one study is the baseline of another study's report."""
+    from fl_sparse.reporting import records
+
+    from tests.test_results_export import record
+
+    path = tiny(tmp_path, extra='[reports.with_baseline]\nruns = ["demo", "baselines/demo"]\n'
+                                'algorithms = ["fedavg", "feddst"]\n')
+    records.write([record("fedavg", 0, [0.2, 0.3], 0.01, 1e9)], tmp_path / "tiny" / "runs" / "demo")
+    records.write([record("feddst", 0, [0.25, 0.35], 0.005, 5e8), record("random_mask", 0, [0.1, 0.2], 0.005, 5e8)],
+                  tmp_path / "baselines" / "runs" / "demo")
+    assert main(["study", "report", str(path)]) == 0
+    table = (tmp_path / "tiny" / "with_baseline" / "table.md").read_text()
+    assert "| FedAvg |" in table and "| FedDST |" in table and "RandomMask" not in table
+    bad = tiny(tmp_path, extra='[reports.x]\nruns = ["a/b/c"]\n')
+    assert main(["study", "status", str(bad)]) == 2
+    assert "[reports.x], key 'runs': 'a/b/c': give GROUP, or STUDY/GROUP" in capsys.readouterr().err

@@ -18,11 +18,14 @@ def reports(study: Study) -> dict[str, Report]:
 def write_study_report(study: Study, out: Path) -> list[Path]:
     written = []
     for folder, report in reports(study).items():
-        groups = [out / "runs" / group for group in report.runs]
+        # "STUDY/GROUP": a baseline another study ran is read from its exports, not trained again here
+        groups = [out.parent / group.split("/")[0] / "runs" / group.split("/")[1] if "/" in group
+                  else out / "runs" / group for group in report.runs]
         present = [group for group in groups if any(group.glob("*.json"))]
         if not present:
             raise ConfigError(f"{study.path}: [reports.{folder}] has no exports yet in {', '.join(map(str, groups))}; "
                               "run the study first (fl-sparse study run)")
-        records = [record for group in present for record in read(group)]
+        records = [record for group in present for record in read(group)
+                   if report.algorithms is None or record.info.get("algorithm") in report.algorithms]
         written += write_report(records, out / folder, report.reach)
     return written

@@ -20,8 +20,9 @@
     bind = ["Experiment.rounds = 2"]   # optional, bindings for every trial of the block
     group = "tiny_runs"           # optional: the export folder of the block's base trials (default: the presets)
     [reports.budget]              # optional: `fl-sparse study report` writes <output>/budget/ from these groups
-    runs = ["demo"]
+    runs = ["demo"]               # an entry "STUDY/GROUP" reads another study's exports beside this one's output
     reach = [30, 35, 40]          # optional
+    algorithms = ["feddst"]       # optional: only these methods' runs of those groups
 
 A study is the union of its blocks. A trial's bindings are the block's, then the variant's, then its seed; the
 data directory comes from the command line. Every trial is composed (:func:`fl_sparse.config.compose.compose`)
@@ -50,7 +51,7 @@ KEYS = {
     "variant": {"bind", "algorithms"},
     "variant algorithm": {"bind"},
     "grid": {"algorithms", "presets", "seeds", "variants", "bind", "group"},
-    "report": {"runs", "reach"},
+    "report": {"runs", "reach", "algorithms"},
     "top": {"study", "variants", "grid", "reports"},
 }
 NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -90,6 +91,7 @@ class Trial:
 class Report:
     runs: tuple[str, ...]
     reach: tuple[float, ...] | None
+    algorithms: tuple[str, ...] | None = None  # only these methods' runs; None: every run of the groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +140,16 @@ def load(path: Path | str) -> Study:
         block = f"[reports.{folder}]"
         where.keys(block, where.table(block, table), KEYS["report"])
         runs = tuple(where.names(block, "runs", table.get("runs")))
+        for run in runs:
+            if not all(NAME.fullmatch(part) for part in run.split("/")) or run.count("/") > 1:
+                where.fail(block, "runs", f"{run!r}: give GROUP, or STUDY/GROUP for another study's exports")
         reach = table.get("reach")
         if reach is not None:
             reach = tuple(where.number(block, "reach", value, low=0) for value in where.items(block, "reach", reach))
-        reports[folder] = Report(runs, reach)
+        algorithms = table.get("algorithms")
+        if algorithms is not None:
+            algorithms = tuple(where.names(block, "algorithms", algorithms))
+        reports[folder] = Report(runs, reach, algorithms)
     return Study(path, name, threads, gpus, every, retries, tuple(trials), reports)
 
 
