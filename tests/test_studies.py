@@ -225,7 +225,6 @@ def test_status_reads_the_output_folder_only(tmp_path, capsys):
 def test_a_report_reads_a_baseline_from_another_study_without_running_it(tmp_path, capsys):
     """`runs = ["STUDY/GROUP"]`: FedDST run once by one study is the baseline of another study's report."""
     from fl_sparse.reporting import records
-
     from tests.test_results_export import record
 
     path = tiny(tmp_path, extra='[reports.with_baseline]\nruns = ["demo", "baselines/demo"]\n'
