@@ -30,12 +30,23 @@ def _final_metrics(db: Path) -> dict:
     return metrics
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    whole = subprocess.run([*COMMAND, "--checkpoint-dir", "whole", "--tracking-uri", "sqlite:///whole.db"],
+# PruneFL keeps the squared gradients accumulated since its last reconfiguration (after round 5) as server state:
+# a run cut after round 3 or 4 resumes with part of them.
+PRUNEFL = [sys.executable, "-m", "fl_sparse.cli", "run", "prunefl", "--rounds", "8",
+           "--bind", "PruneFL.reconfigure_every=5", "--bind", "PruneFLInitial.max_rounds=3",
+           "--bind", "PruneFLInitial.samples=64", "--bind", "Experiment.local_epochs=1",
+           "--bind", "Experiment.clients_per_round=3", "--bind", "Experiment.num_clients=10",
+           "--bind", "Experiment.eval_every=2", "--checkpoint-every", "1"]
+
+
+@pytest.mark.parametrize("command, state", [(COMMAND, ("frozen/", "server/")), (PRUNEFL, ("policy/",))],
+                         ids=["pffdst", "prunefl"])
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, command, state):
+    whole = subprocess.run([*command, "--checkpoint-dir", "whole", "--tracking-uri", "sqlite:///whole.db"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
-    args = [*COMMAND, "--checkpoint-dir", "cut", "--tracking-uri", "sqlite:///cut.db"]
+    args = [*command, "--checkpoint-dir", "cut", "--tracking-uri", "sqlite:///cut.db"]
     victim = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (tmp_path / "cut" / "round-000003").exists() and time.time() < deadline:
@@ -44,14 +55,14 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     assert victim.wait() == -signal.SIGKILL
     assert not (tmp_path / "cut" / "round-000008").exists(), "the run finished before it was killed"
 
-    resumed = subprocess.run([*COMMAND, "--resume", "cut", "--tracking-uri", "sqlite:///cut.db"],
+    resumed = subprocess.run([*command, "--resume", "cut", "--tracking-uri", "sqlite:///cut.db"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming after round" in resumed.stderr
 
     a = load_file(str(tmp_path / "whole" / "round-000008" / "tensors.safetensors"))
     b = load_file(str(tmp_path / "cut" / "round-000008" / "tensors.safetensors"))
-    assert a.keys() == b.keys() and any(k.startswith("frozen/") for k in a) and any(k.startswith("server/") for k in a)
+    assert a.keys() == b.keys() and all(any(k.startswith(prefix) for k in a) for prefix in state)
     assert all(torch.equal(a[k], b[k]) for k in a)
     meta_a = json.loads((tmp_path / "whole" / "round-000008" / "state.json").read_text())
     meta_b = json.loads((tmp_path / "cut" / "round-000008" / "state.json").read_text())

@@ -145,6 +145,15 @@ class MaskPolicy(abc.ABC):
         grow the mask but never touches frozen weights. Weights outside the returned mask must be 0."""
         return weights, mask
 
+    def state_dict(self) -> Tensors:
+        """What the policy remembers across rounds on the server (e.g. PruneFL's accumulated client scores), for
+        checkpoints: a resumed run must continue bitwise. Default: nothing (a policy that is a function of the
+        round)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        pass
+
 
 class FreezePolicy(abc.ABC):
     """Decides which non-zero weights are frozen: neither trained nor transmitted again."""
@@ -364,11 +373,19 @@ class DiscoveryClients(abc.ABC):
         """At least one client, ``fraction`` of the federation, drawn from the run's seeded discovery stream."""
 
     @abc.abstractmethod
-    def train(self, clients: list[int], weights: Tensors, mask: Tensors, epoch: int,
-              policy: MaskPolicy | None = None) -> list[ClientResult]:
+    def train(self, clients: list[int], weights: Tensors, mask: Tensors, epoch: int, policy: MaskPolicy | None = None,
+              samples: int | None = None, resend: bool = True) -> list[ClientResult]:
         """Send (weights, mask) down to each client (counted), and train one local epoch under the mask with the
-        run's objective and optimiser, then ``policy``'s client step (None: no step). ``epoch`` keys the batch
-        order, so that successive calls draw fresh batches."""
+        run's objective and optimiser, then ``policy``'s client step and scores (None: neither). ``epoch`` keys the
+        batch order, so that successive calls draw fresh batches. ``samples``: train on that many of the client's
+        samples (the same ones, drawn once per client from the discovery stream) instead of all. ``resend=False``:
+        nothing is sent, the client goes on from what it holds: the caller passes the result of its previous call,
+        changed only by work that runs on that client (PruneFL's initial pruning, which never leaves it)."""
+
+    @abc.abstractmethod
+    def upload_model(self, client: int, weights: Tensors, mask: Tensors) -> tuple[Tensors, Tensors]:
+        """Send a model (weights under a mask) up from ``client`` with the run's uplink codec, counted and decoded
+        against the run's model; returns the (weights, mask) the server decoded."""
 
     @abc.abstractmethod
     def forward(self, client: int, weights: Tensors, mask: Tensors, passes: int = 1, data_fraction: float = 1.0,
@@ -383,6 +400,11 @@ class DiscoveryClients(abc.ABC):
     def upload(self, client: int, values: Tensors) -> Tensors:
         """Send small dense tensors (e.g. one number per layer) up from ``client``: encoded, counted and
         decoded against exactly these names, shapes and dtypes; returns what the server decoded."""
+
+    @abc.abstractmethod
+    def forward_macs(self) -> dict[str, int]:
+        """Multiply-accumulates of one forward pass of one sample per masked weight, as the run counts FLOPs (a
+        discovery that weighs layers by their compute, e.g. PruneFL's cost table)."""
 
     @abc.abstractmethod
     def fresh_weights(self) -> Tensors:

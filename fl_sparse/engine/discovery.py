@@ -10,6 +10,7 @@ import math
 import torch
 from torch.func import functional_call
 
+from fl_sparse.core.errors import check
 from fl_sparse.core.interfaces import (
     ClientResult,
     DiscoveryClients,
@@ -30,7 +31,8 @@ from fl_sparse.training.client import ClientTask, client_batches
 
 class InProcessDiscovery(DiscoveryClients):
     """:class:`DiscoveryClients` on a :class:`~fl_sparse.engine.server.RoundServer`'s data and parts. Counts
-    ``bytes`` (downlinks with the run's downlink codec, uploads with :class:`DenseF32`) and ``flops``."""
+    ``bytes`` (downlinks with the run's downlink codec, small uploads with :class:`DenseF32`, models with the run's
+    uplink codec) and ``flops``."""
 
     def __init__(self, server, sparsity: float):
         self.server, self.experiment = server, server.experiment
@@ -44,13 +46,13 @@ class InProcessDiscovery(DiscoveryClients):
         order = torch.randperm(self.server.data.num_clients, generator=generator(self.seed, "discovery", 0))
         return sorted(order[:count].tolist())
 
-    def train(self, clients: list[int], weights: Tensors, mask: Tensors, epoch: int,
-              policy: MaskPolicy | None = None) -> list[ClientResult]:
+    def train(self, clients: list[int], weights: Tensors, mask: Tensors, epoch: int, policy: MaskPolicy | None = None,
+              samples: int | None = None, resend: bool = True) -> list[ClientResult]:
         server = self.server
         tasks, batch_seed = [], int(generator(self.seed, "discovery", epoch, 0).initial_seed())
         for client in clients:
-            received = self._send_down(client, weights, mask)
-            indices = server.data.client_train[client]
+            received = self._send_down(client, weights, mask) if resend else Message(weights, mask)
+            indices = self.client_samples(client, samples)
             # Round 0 is no round's; a seed drawn from the discovery stream keys each epoch's batch order.
             tasks.append(ClientTask(client, received.tensors, received.masks, {}, indices, batch_seed, 0))
             self.flops += accounting.training_flops(server.macs, mask, {}, len(indices))
@@ -88,11 +90,33 @@ class InProcessDiscovery(DiscoveryClients):
         self.flops += accounting.forward_flops(server.macs, mask, passes * len(subset))
         return buffers, total if passes else 0.0, len(subset)
 
+    def client_samples(self, client: int, samples: int | None) -> torch.Tensor:
+        """The client's sample indices, or ``samples`` of them: the same ones at every call (a draw keyed by the
+        client alone), in data-set order."""
+        check(0 <= client < self.server.data.num_clients,
+              f"discovery client {client} does not exist: the run has clients 0 to {self.server.data.num_clients - 1}")
+        indices = self.server.data.client_train[client]
+        if samples is None or samples >= len(indices):
+            return indices
+        order = torch.randperm(len(indices), generator=generator(self.seed, "discovery", client, 0, 2))
+        return indices[order[:samples].sort().values.to(indices.device)]
+
+    def upload_model(self, client: int, weights: Tensors, mask: Tensors) -> tuple[Tensors, Tensors]:
+        codec = self.experiment.uplink_codec
+        link = Link("up", client, {}, {}, 0, {}, self.server.schema)  # the server knows no mask yet: it travels
+        payload = codec.encode(Message(weights, mask), link)
+        self.bytes += len(payload)
+        received = codec.decode(payload, link)
+        return received.tensors, received.masks
+
     def upload(self, client: int, values: Tensors) -> Tensors:
         link = Link("up", client, {}, {}, 0, {}, ModelSchema.of(values))
         payload = self.upload_codec.encode(Message(values, {}), link)
         self.bytes += len(payload)
         return self.upload_codec.decode(payload, link).tensors
+
+    def forward_macs(self) -> dict[str, int]:
+        return dict(self.server.macs)
 
     def fresh_weights(self) -> Tensors:
         exp = self.experiment

@@ -12,6 +12,7 @@ from fl_sparse.parts import (  # noqa: F401  (imported for their gin registratio
     freezing,
     mask_policies,
     objectives,
+    prunefl,
     schedules,
 )
 from fl_sparse.parts.executors import ray_executor, sequential, vectorized  # noqa: F401

@@ -1,7 +1,7 @@
 """Checkpoints: the whole server state in safetensors + JSON (no pickle), written atomically.
 
 A checkpoint is a directory ``round-NNNNNN`` holding ``tensors.safetensors`` (global weights, mask,
-frozen set, server optimiser state, what the freeze policy remembers) and ``state.json`` (round, byte
+frozen set, server optimiser state, what the freeze and mask policies remember) and ``state.json`` (round, byte
 and FLOP counters, codec state, what the run's callbacks keep (the MLflow run id), the gin config, and the
 SHA-256 of the tensor file). It is written under a temporary
 name and renamed, so a crash never leaves a half-written checkpoint under a real name; older ones are
@@ -49,6 +49,7 @@ def save(directory: Path, state: ServerState, extra: dict) -> Path:
     tensors |= {f"frozen/{k}": v for k, v in state.frozen.items()}
     tensors |= {f"server/{k}": v for k, v in extra.pop("server_tensors", {}).items()}
     tensors |= {f"freeze/{k}": v for k, v in extra.pop("freeze_tensors", {}).items()}
+    tensors |= {f"policy/{k}": v for k, v in extra.pop("policy_tensors", {}).items()}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
     meta = {"format": FORMAT_VERSION, "round": state.round, "freeze_version": state.freeze_version,
             "cumulative_bytes": state.cumulative_bytes, "cumulative_flops": state.cumulative_flops,
@@ -91,7 +92,8 @@ def load(path: Path) -> tuple[ServerState, dict]:
 
     state = ServerState(group("weights"), group("mask"), group("frozen"), meta["round"],
                         meta["freeze_version"], meta["cumulative_bytes"], meta["cumulative_flops"])
-    meta["server_tensors"], meta["freeze_tensors"] = group("server"), group("freeze")
+    meta["server_tensors"], meta["freeze_tensors"], meta["policy_tensors"] = \
+        group("server"), group("freeze"), group("policy")
     return state, meta
 
 
@@ -112,7 +114,8 @@ class Checkpointer(Callback):
             save(self.directory, event.state, {
                 **meta, "config": self.config_text, "checkpoint_every": self.every,
                 "codec_state": {"uplink": exp.uplink_codec.state_dict(), "downlink": exp.downlink_codec.state_dict()},
-                "server_tensors": exp.aggregator.state_dict(), "freeze_tensors": exp.freeze_policy.state_dict()})
+                "server_tensors": exp.aggregator.state_dict(), "freeze_tensors": exp.freeze_policy.state_dict(),
+                "policy_tensors": exp.mask_policy.state_dict()})
 
 
 def read(directory: Path, config_text: str) -> tuple[ServerState, dict]:
@@ -130,6 +133,7 @@ def apply(server: RoundServer, state: ServerState, meta: dict) -> ServerState:
     exp, device = server.experiment, server.device
     exp.aggregator.load_state_dict({k: v.to(device) for k, v in meta["server_tensors"].items()})
     exp.freeze_policy.load_state_dict({k: v.to(device) for k, v in meta["freeze_tensors"].items()})
+    exp.mask_policy.load_state_dict({k: v.to(device) for k, v in meta["policy_tensors"].items()})
     exp.uplink_codec.load_state_dict(meta["codec_state"]["uplink"])
     exp.downlink_codec.load_state_dict(meta["codec_state"]["downlink"])
     move = lambda tensors: {k: v.to(device) for k, v in tensors.items()}  # noqa: E731
