@@ -353,8 +353,9 @@ class ClientOptimizer(abc.ABC):
 
 class ModelReparameterization(abc.ABC):
     """Optional: changes how the model computes with its parameters (e.g. Powerprop), applied once to the
-    model the preset built. Must keep every parameter's name and shape, so masks, codecs and checkpoints
-    are unaffected."""
+    model the preset built, before the server reads its state. Must keep every maskable weight's name and
+    shape; it may add dense parameters or remove layers (FedMef's normalised convolution adds a gain per
+    channel and removes the BatchNorms), since masks, codecs and checkpoints follow the re-parameterised model."""
 
     @abc.abstractmethod
     def __call__(self, model: torch.nn.Module) -> torch.nn.Module: ...

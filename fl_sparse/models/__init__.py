@@ -10,6 +10,7 @@ from torch import nn
 
 from fl_sparse.core.errors import ConfigError
 from fl_sparse.models.layers import BatchAsChannelsMaxPool2d
+from fl_sparse.models.normalized import NormalizedSparseConv  # noqa: F401  (gin-registered, as is Powerprop)
 from fl_sparse.models.powerprop import Powerprop  # noqa: F401  (gin-registered: Experiment.reparameterization)
 from fl_sparse.models.resnet import ResNet18
 from fl_sparse.models.vit import vit32  # noqa: F401  (gin-registered: ViT32)

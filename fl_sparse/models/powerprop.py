@@ -123,6 +123,7 @@ class _PowerpropLayer:
     beta: float = 1.0
     prune_activations: bool = False
     activation_density: float | None = None  # None: the layer's weight density (SWAT); else this fraction
+    normalized: bool = False  # a normalised sparse convolution (fl_sparse.models.normalized)
 
     def _activation_density(self, weight: torch.Tensor) -> float:
         return _density(weight) if self.activation_density is None else self.activation_density
@@ -143,8 +144,12 @@ class PowerpropConv2d(_PowerpropLayer, nn.Conv2d):
     threshold_from_first_batch: bool = False
     first_threshold: torch.Tensor | None = None
 
+    def computed_weight(self) -> torch.Tensor:
+        """The weight the convolution computes with (a subclass may transform it further)."""
+        return effective_weight(self.weight, self.beta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = effective_weight(self.weight, self.beta)
+        weight = self.computed_weight()
         if not self._prunes_now():
             return self._conv_forward(x, weight, self.bias)
         density, threshold = self._activation_density(weight), None
@@ -176,6 +181,10 @@ class Powerprop(ModelReparameterization):
     linear weight from a normal of std 1/sqrt(fan_in) truncated at two standard deviations, SparsyFed's
     initialisation (1.7x the default's spread; the truncation at 2 std is the Powerprop reference's Haiku
     initialiser, not checked in SparsyFed's PyTorch code). Gin: ``Experiment.reparameterization = @Powerprop()``.
+
+    A normalised sparse convolution (:class:`~fl_sparse.models.normalized.NormalizedConv2d`, already a Powerprop
+    layer) gets the same settings unless ``normalized_convs=False``, which leaves it alone as FedMef's code does:
+    it attaches activation pruning by exact module type, so its normalised convolutions never get it.
     """
 
     LAYERS = {nn.Conv2d: PowerpropConv2d, nn.Linear: PowerpropLinear}
@@ -184,18 +193,18 @@ class Powerprop(ModelReparameterization):
     CONV_THRESHOLDS = ("per_batch", "first_batch")
 
     def __init__(self, beta: float = 1.25, prune_activations: bool = True, init: str = "base",
-                 conv_threshold: str = "per_batch"):
+                 conv_threshold: str = "per_batch", normalized_convs: bool = True):
         check(beta >= 1.0, f"Powerprop.beta={beta} must be >= 1 (SparsyFed uses 1.25; 1 is no re-parameterisation)")
         check(init in self.INITS, f"Powerprop.init={init!r} must be one of {', '.join(map(repr, self.INITS))}")
         check(conv_threshold in self.CONV_THRESHOLDS, f"Powerprop.conv_threshold={conv_threshold!r} must be "
                                                       f"one of {', '.join(map(repr, self.CONV_THRESHOLDS))}")
         self.beta, self.prune_activations, self.init = float(beta), bool(prune_activations), init
-        self.conv_threshold = conv_threshold
+        self.conv_threshold, self.normalized_convs = conv_threshold, bool(normalized_convs)
         self.activation_density: float | None = None  # the layer's weight density (see ActivationPruning)
 
     def __repr__(self) -> str:
         return (f"Powerprop(beta={self.beta}, prune_activations={self.prune_activations}, init={self.init!r}, "
-                f"conv_threshold={self.conv_threshold!r})")
+                f"conv_threshold={self.conv_threshold!r}, normalized_convs={self.normalized_convs})")
 
     def start_local_training(self, model: nn.Module) -> None:
         """A client's round starts: its conv layers forget the previous client's first-batch threshold."""
@@ -205,7 +214,10 @@ class Powerprop(ModelReparameterization):
 
     def __call__(self, model: nn.Module) -> nn.Module:
         for module in model.modules():
-            powerprop_class = self.LAYERS.get(type(module))
+            if getattr(module, "normalized", False):  # keeps its class: the standardisation stays on top
+                powerprop_class = type(module) if self.normalized_convs else None
+            else:
+                powerprop_class = self.LAYERS.get(type(module))
             if powerprop_class is None:
                 continue
             check(not self.prune_activations or getattr(module, "padding_mode", "zeros") == "zeros",
@@ -231,12 +243,13 @@ class ActivationPruning(Powerprop):
     research code: 1 - gamma with gamma = 0.7, so 0.3), a fixed fraction rather than the layer's weight density.
     The forward output and the input gradient stay exact; only the weight gradient uses the pruned input, which
     is what saves activation memory. Evaluation never prunes. Gin:
-    ``Experiment.reparameterization = @ActivationPruning()``."""
+    ``Experiment.reparameterization = @ActivationPruning()``. ``normalized_convs`` (default True): normalised
+    sparse convolutions are pruned too; False copies FedMef's code, where they never are (see :class:`Powerprop`)."""
 
-    def __init__(self, keep: float = 0.3):
+    def __init__(self, keep: float = 0.3, normalized_convs: bool = True):
         check(0.0 < keep <= 1.0, f"ActivationPruning.keep={keep} must lie in (0, 1] (FedMef: 1 - 0.7 = 0.3)")
-        super().__init__(beta=1.0, prune_activations=True)
+        super().__init__(beta=1.0, prune_activations=True, normalized_convs=normalized_convs)
         self.activation_density = float(keep)
 
     def __repr__(self) -> str:
-        return f"ActivationPruning(keep={self.activation_density})"
+        return f"ActivationPruning(keep={self.activation_density}, normalized_convs={self.normalized_convs})"
