@@ -317,12 +317,22 @@ class LocalObjective(abc.ABC):
         """Mean loss of one batch. ``params`` are the client's current parameters, ``global_params``
         the ones it received this round (for proximal terms). Must be a pure torch function."""
 
+    def budget_penalty(self, params: Tensors) -> float | None:
+        """The norm of the weights the coming prune will remove, at ``params``, for a learning rate that follows
+        it (FedMef's budget-aware rate); None (the default) when the objective has no such term this round."""
+        return None
+
 
 class LearningRateSchedule(abc.ABC):
     """The clients' learning rate in each round (1-based), for an optimiser that follows one."""
 
     @abc.abstractmethod
     def rate(self, round: int) -> float: ...
+
+    def step_rate(self, round: int, penalty: Callable[[], float | None]) -> float | None:
+        """The rate of one local step of ``round``, given (on demand) the objective's
+        :meth:`LocalObjective.budget_penalty` at the step's weights; None (the default): ``rate(round)``."""
+        return None
 
 
 class ClientOptimizer(abc.ABC):
@@ -331,6 +341,11 @@ class ClientOptimizer(abc.ABC):
     def at_round(self, round: int) -> ClientOptimizer:
         """The optimiser the clients of ``round`` use: this one, unless it follows a learning-rate schedule."""
         return self
+
+    def at_step(self, round: int, penalty: Callable[[], float | None]) -> ClientOptimizer | None:
+        """The optimiser of one local step of ``round`` when its rate depends on the step (given ``penalty``, see
+        :meth:`LearningRateSchedule.step_rate`); None (the default): ``at_round(round)`` for every step."""
+        return None
 
     @abc.abstractmethod
     def init(self, params: Tensors) -> Tensors: ...

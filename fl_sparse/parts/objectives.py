@@ -53,8 +53,9 @@ class Extrusion(CrossEntropy):
     prune if they did not move (:meth:`MaskPolicy.planned_prune`; with :class:`ScoredReadjust` the k smallest-|w|
     active weights of the model the client received), so that training moves what they carry into the weights
     that stay. The term's gradient is ``2 * strength * w`` on theta_low and exactly 0 elsewhere, and the term is
-    absent in rounds that prune nothing. FedMef's research code uses 0.01, ramped up from 0 (not here); its
-    budget-aware learning rate is not built (its formula is known only from secondary sources)."""
+    absent in rounds that prune nothing. FedMef's research code uses 0.01, ramped up from 0 (not here), on the sum
+    of the layers' unsquared norms. Its budget-aware learning rate is :class:`BudgetAwareRate`, which reads
+    :meth:`budget_penalty` in the rounds with a term."""
 
     def __init__(self, strength: float = 0.01, reference_softmax: bool = False):
         check(strength >= 0, f"Extrusion.strength={strength} must be >= 0 (FedMef: 0.01)")
@@ -78,6 +79,12 @@ class _Extruding(LocalObjective):
         penalty = sum(((params[name] * gate) ** 2).sum() for name, gate in self.low.items())
         return self.base.loss(logits, targets, params, global_params) + self.base.strength * penalty
 
+    def budget_penalty(self, params: Tensors) -> float:
+        """Sum over layers of ``||theta_low||_2`` (unsquared), the research code's ``penalty`` that its
+        budget-aware learning rate reads (my_model_trainer_classification.py:249)."""
+        with torch.no_grad():
+            return float(sum(torch.linalg.vector_norm(params[name] * gate) for name, gate in self.low.items()))
+
 
 @gin.configurable
 class ExponentialDecay(LearningRateSchedule):
@@ -93,6 +100,42 @@ class ExponentialDecay(LearningRateSchedule):
     def rate(self, round: int) -> float:
         progress = min(1.0, (round - 1) / max(1, self.rounds - 1))
         return self.start * (self.end / self.start) ** progress
+
+
+@gin.configurable
+class BudgetAwareRate(LearningRateSchedule):
+    """FedMef's budget-aware learning rate (Huang et al., CVPR 2024), as its research code computes it
+    (Little0o0/FedML branch ``aaai`` @ 6e704fd3, ``fedml_api/standalone/fedmem/my_model_trainer_classification.py``):
+
+    * every round, ``alpha = start * (end / start) ** ((r - 1) / rounds)`` in round r (line 187, with their 0-based
+      ``round_idx / comm_round``; their lr 0.1, min_lr 0.01);
+    * in each local step of a round whose objective has a budget penalty P (:meth:`LocalObjective.budget_penalty`:
+      the extrusion's sum of ``||theta_low||_2`` at that step's weights; lines 240-251), the step's rate is
+      ``max(alpha, clip(P, end, limit) * start, end)`` (lines 270-284, limit 10). Their SGD has no momentum and
+      no weight decay (line 190); here the rate drives whatever SGD is bound.
+
+    Their ``beta`` carries a factor ``(2 - 2p) / (2 - p)`` for a transfer phase of several rounds before each
+    adjustment; FedMef's configuration has none (``transfer_epochs = 0``, so ``p = 0`` and the factor is 1), as
+    here, where the extrusion lasts the one adjustment round. When P is 0 the step keeps ``alpha`` (theirs keeps the
+    previous step's rate). Usable by every algorithm: without a penalty it is the exponential decay alone. Gin:
+    ``SGD.lr_schedule = @BudgetAwareRate()`` (it replaces ``SGD.lr``)."""
+
+    def __init__(self, start: float = gin.REQUIRED, end: float = gin.REQUIRED, rounds: int = gin.REQUIRED,
+                 limit: float = 10.0):
+        check(start > 0 and end > 0, f"BudgetAwareRate(start={start}, end={end}) needs rates > 0 (FedMef: 0.1, 0.01)")
+        check(isinstance(rounds, int) and rounds >= 1, f"BudgetAwareRate.rounds={rounds!r} must be an integer >= 1")
+        check(limit >= end, f"BudgetAwareRate.limit={limit} must be >= end={end} (FedMef: 10)")
+        self.start, self.end, self.rounds, self.limit = float(start), float(end), rounds, float(limit)
+
+    def rate(self, round: int) -> float:
+        return self.start * (self.end / self.start) ** ((round - 1) / self.rounds)
+
+    def step_rate(self, round, penalty):
+        value = penalty()
+        if not value:  # no term this round (None), or nothing left to extrude (0)
+            return None
+        beta = min(max(value, self.end), self.limit) * self.start
+        return max(self.rate(round), beta, self.end)
 
 
 @gin.configurable
@@ -114,6 +157,10 @@ class SGD(ClientOptimizer):
         if self.lr_schedule is None:
             return self
         return SGD(self.lr_schedule.rate(round), self.momentum, self.weight_decay)
+
+    def at_step(self, round, penalty):
+        rate = None if self.lr_schedule is None else self.lr_schedule.step_rate(round, penalty)
+        return None if rate is None else SGD(rate, self.momentum, self.weight_decay)
 
     def init(self, params: Tensors) -> Tensors:
         return {name: torch.zeros_like(p) for name, p in params.items()} if self.momentum else {}

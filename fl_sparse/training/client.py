@@ -152,8 +152,10 @@ def train_client(job: TrainingJob, task: ClientTask, ctx: RoundContext) -> Clien
     batches = batch_positions(task, job.epochs, job.batch_size)
     step_after = max(1, round(len(batches) // job.epochs * job.mask_policy.client_step_epoch(ctx, job.epochs)))
     for index, (inputs, labels) in enumerate(client_batches(job.data, task.indices, batches), 1):
+        # A rate that follows the step's weights (FedMef's budget-aware rate) is read before the step changes them.
+        stepper = job.optimizer.at_step(task.round, functools.partial(job.objective.budget_penalty, params))
         grads, loss = step(params, buffers, global_params, inputs, labels)
-        params, state = optimizer.step_in_place(params, grads, state, allowed)  # grads are fresh: ours too
+        params, state = (stepper or optimizer).step_in_place(params, grads, state, allowed)  # fresh grads: ours
         losses.append(loss)
         if index == step_after and index < len(batches):  # readjust now; the rest trains under the new mask
             weights, mask, scores = _client_step(job, ctx, task, params, buffers, global_params, mask)
