@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 from helpers import play, simulation
 
@@ -15,6 +16,8 @@ from fl_sparse.engine.server import _mean_scores
 from fl_sparse.parts.mask_policies import ScoredReadjust
 from fl_sparse.parts.objectives import Extrusion
 from fl_sparse.sparse.mask_ops import active_counts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx(readjust: bool = True, progress: float = 0.0) -> RoundContext:
@@ -80,7 +83,7 @@ def test_the_extrusion_gradient_is_two_lambda_w_on_theta_low_and_zero_elsewhere(
 
 
 def test_a_fedmef_run_keeps_layer_counts_and_pays_for_its_scores_in_adjustment_rounds():
-    sim = simulation("fedmef", "Readjusting.readjust_every = 2", rounds=4)  # adjusts in round 2 of 4
+    sim = simulation("fedmef", "Readjusting.readjust_every = 2", rounds=4)  # adjusts in no round: 2 !< 0.6 * 4
     plain = simulation("random_mask", rounds=4)
     counts = active_counts(sim.initial_state().mask)
     for (_, state, metrics), (_, _, fixed) in zip(play(sim), play(plain)):
@@ -90,6 +93,16 @@ def test_a_fedmef_run_keeps_layer_counts_and_pays_for_its_scores_in_adjustment_r
         if adjusting:
             assert metrics["weights_regrown"] == 0  # grown at 0 ...
             assert metrics["weights_dropped"] > 0  # ... in place of pruned non-zero weights
+
+
+@pytest.mark.xfail(strict=True, reason="ScoredReadjust prunes k = alpha * active per layer even where fewer than k "
+                                       "positions lie outside the mask (ERK leaves fc3 dense), so such a layer shrinks")
+def test_an_adjustment_round_keeps_every_layer_count_even_a_nearly_dense_one():
+    sim = simulation("fedmef", "Readjusting.readjust_every = 2", rounds=5)  # adjusts in round 2 (2 < 0.6 * 5)
+    assert [r for r in range(1, 6) if sim.experiment.schedule.phase(r).readjust] == [2]
+    counts = active_counts(sim.initial_state().mask)
+    *_, (_, state, _) = play(sim, 2)
+    assert active_counts(state.mask) == counts
 
 
 def test_activation_pruning_keeps_the_stated_fraction_and_an_exact_forward():
@@ -109,3 +122,117 @@ def test_activation_pruning_keeps_the_stated_fraction_and_an_exact_forward():
     assert int((kept != 0).sum()) == math.ceil(0.3 * inputs.numel())  # the saved input keeps 30 %
     assert torch.allclose(grad_w, torch.ones_like(out).T @ kept)  # only the weight gradient uses it
     assert torch.allclose(grad_x, torch.ones_like(out) @ layer.weight)  # the input gradient stays exact
+
+
+def _normalized_lenet(*parts):
+    from fl_sparse.models import LeNetBN
+    from fl_sparse.models.normalized import NormalizedSparseConv, Reparameterizations
+
+    torch.manual_seed(0)
+    return Reparameterizations([NormalizedSparseConv(), *parts])(LeNetBN())
+
+
+def test_the_normalised_conv_standardises_the_active_weights_per_channel_times_its_gain():
+    model = _normalized_lenet()
+    conv = model.conv2
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.3)
+        conv.gain.copy_(torch.linspace(0.5, 2.0, conv.out_channels))
+    mask = conv.weight != 0
+    fan_in = conv.weight[0].numel()
+    effective = conv.computed_weight().detach()
+    assert torch.equal(effective[~mask], torch.zeros(int((~mask).sum())))  # exactly 0 outside the mask
+    for c in range(conv.out_channels):
+        active = effective[c][mask[c]] * fan_in ** 0.5 / conv.gain[c].detach()
+        assert abs(float(active.mean())) < 1e-5 and abs(float(active.std()) - 1) < 1e-5, c  # std: unbiased, as theirs
+
+
+def test_the_normalised_conv_passes_gradients_to_its_gain_and_to_grown_zero_weights_only_in_the_mask():
+    model = _normalized_lenet()
+    conv = model.conv1
+    with torch.no_grad():
+        conv.weight[:, 0] = 0  # input channel 0: pruned or grown at 0 (the optimiser's mask tells them apart)
+    model(torch.randn(4, 3, 32, 32)).square().sum().backward()
+    assert bool((conv.gain.grad != 0).all())
+    assert bool((conv.weight.grad[:, 0] != 0).any())  # a weight grown at 0 can leave 0
+    bare = conv.weight.detach()[:, 1:].reshape(conv.out_channels, -1)
+    assert torch.equal(conv.computed_weight()[:, 0], torch.zeros_like(conv.weight[:, 0]))
+    assert bool((bare != 0).all())
+
+
+def test_the_normalised_model_has_no_batchnorm_and_states_its_size():
+    model = _normalized_lenet()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(name.startswith("bn") for name in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == 782_028  # 782,006 + 6 + 16 gains
+    assert model.conv1.gain.shape == (6,) and model.conv2.gain.shape == (16,)
+    from fl_sparse.models import maskable_names
+    assert "conv1.weight" in maskable_names(model) and "conv1.gain" not in maskable_names(model)
+
+
+def test_a_model_without_batchnorm_is_refused_in_one_line():
+    from fl_sparse.core.errors import ConfigError
+    from fl_sparse.models import LeNet
+    from fl_sparse.models.normalized import NormalizedSparseConv
+
+    with pytest.raises(ConfigError, match="LeNetBN"):
+        NormalizedSparseConv()(LeNet())
+
+
+def test_activation_pruning_applies_to_the_normalised_convs_unless_told_as_in_the_authors_code():
+    import torch.nn.functional as F
+
+    from fl_sparse.models.powerprop import ActivationPruning, keep_largest
+
+    model = _normalized_lenet(ActivationPruning(keep=0.3))
+    conv = model.conv2
+    assert conv.prune_activations and conv.activation_density == 0.3
+    x = torch.randn(2, 6, 14, 14, requires_grad=True)
+    out = conv(x)
+    assert torch.equal(out, F.conv2d(x, conv.computed_weight(), conv.bias))  # the forward pass is exact
+    (grad_w,) = torch.autograd.grad(out.sum(), [conv.weight])
+    reference = F.conv2d(keep_largest(x.detach(), 0.3), conv.computed_weight(), conv.bias).sum()
+    assert torch.allclose(grad_w, torch.autograd.grad(reference, [conv.weight])[0], atol=1e-6)
+    assert not _normalized_lenet(ActivationPruning(normalized_convs=False)).conv2.prune_activations
+
+
+def test_the_budget_aware_rate_matches_the_research_code_on_a_hand_worked_case():
+    from fl_sparse.parts.objectives import SGD, BudgetAwareRate
+
+    schedule = BudgetAwareRate(start=0.1, end=0.01, rounds=10)
+    assert schedule.rate(1) == 0.1 and math.isclose(schedule.rate(6), 0.1 * 0.1 ** 0.5)  # 0.0316
+    assert math.isclose(schedule.step_rate(6, lambda: 0.5), 0.05)  # beta = 0.5 * 0.1 beats alpha
+    assert math.isclose(schedule.step_rate(6, lambda: 0.2), 0.1 * 0.1 ** 0.5)  # beta 0.02 < alpha
+    assert math.isclose(schedule.step_rate(6, lambda: 50.0), 1.0)  # P clipped at 10
+    assert schedule.step_rate(6, lambda: None) is None and schedule.step_rate(6, lambda: 0.0) is None
+    optimizer = SGD(lr_schedule=schedule)
+    assert math.isclose(optimizer.at_step(6, lambda: 0.5).lr, 0.05) and SGD().at_step(6, lambda: 0.5) is None
+    bound = Extrusion(strength=0.01).at_round(_ctx(), WEIGHTS, MASK, {}, _policy())  # theta_low: positions 3, 4
+    params = {"w": torch.tensor([0.7, -0.2, 0.4, 0.3, -0.6, 0.0, 0.0, 0.0])}
+    assert math.isclose(bound.budget_penalty(params), 0.45 ** 0.5, rel_tol=1e-6)  # ||(0.3, -0.6)||_2
+    assert Extrusion().budget_penalty(params) is None
+
+
+def test_local_steps_of_an_extrusion_round_take_the_budget_aware_rate():
+    from fl_sparse.parts.objectives import BudgetAwareRate
+
+    rates = []
+    original = BudgetAwareRate.step_rate
+
+    def spy(self, round, penalty):
+        rates.append((round, original(self, round, penalty)))
+        return rates[-1][1]
+
+    BudgetAwareRate.step_rate = spy
+    try:
+        sim = simulation("fedmef_bn", "Readjusting.readjust_every = 2", "SGD.lr_schedule = @BudgetAwareRate()",
+                         "BudgetAwareRate.start = 0.05", "BudgetAwareRate.end = 0.005", "BudgetAwareRate.rounds = 5",
+                         rounds=5)  # adjusts in round 2 of 5
+        *_, (_, state, _) = play(sim)
+    finally:
+        BudgetAwareRate.step_rate = original
+    assert {r for r, rate in rates if rate is not None} == {2}  # the adjustment round, every step
+    assert all(rate is None for r, rate in rates if r != 2)
+    assert all(rate >= 0.05 * 0.1 ** (1 / 5) for r, rate in rates if r == 2)  # never below that round's alpha
+    for name, m in state.mask.items():
+        assert torch.all(state.weights[name][~m] == 0), name
