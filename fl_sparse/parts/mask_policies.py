@@ -260,8 +260,11 @@ class ScoredReadjust(BudgetedMask):
         """Per layer, how many weights this round's readjustment replaces (k; 0 outside the adjusted block)."""
         decayed = self.alpha / 2.0 * (1.0 + math.cos(math.pi * ctx.phase.progress))
         free = mask_ops.active_counts(mask_ops.trainable(mask, frozen))
+        # A layer can regrow only where its mask leaves room, so k never exceeds its inactive positions: a layer
+        # the budget leaves dense (ERK's fc3) is not readjusted, instead of shrinking.
+        room = {name: int(held.numel() - held.sum()) for name, held in mask.items()}
         adjusted = set(self.adjusted_layers(ctx))
-        return {name: round(decayed * free[name]) if name in adjusted else 0 for name in mask}
+        return {name: min(round(decayed * free[name]), room[name]) if name in adjusted else 0 for name in mask}
 
     def planned_prune(self, ctx, weights, mask, frozen):
         if not ctx.phase.readjust:
