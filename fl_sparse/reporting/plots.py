@@ -1,4 +1,4 @@
-"""The report's plots: accuracy against GB and FLOPs, and against the Table 1 budget column.
+"""The report's plots: accuracy against GB and FLOPs, against the Table 1 budget column, and mask turnover.
 
 The only module that imports matplotlib (the ``report`` extra, not a core dependency: training hosts and Ray /
 Flower workers never plot), and only when a plot is drawn."""
@@ -104,3 +104,15 @@ def accuracy_plots(history: dict[str, list[tuple[int, float]]], algorithm: str, 
                       "(pip install 'fl-sparse[report]')", stacklevel=2)
         return []
     return plots({(algorithm, ",".join(presets) or "-"): [summarize(history)]}, out)
+
+
+def turnover_plot(series: dict[str, dict[int, float]], out: Path) -> Path:
+    """``turnover.png``: weights regrown in the global mask per round, one line per label, on a symmetric log
+    scale (a frozen mask is a line at 0)."""
+    fig, ax = _figure()
+    for label, per_round in series.items():
+        ax.plot(list(per_round), list(per_round.values()), label=label)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("weights regrown in the global mask\n(seed mean)")
+    return _save(fig, ax, out / "turnover.png")

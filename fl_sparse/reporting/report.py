@@ -8,6 +8,7 @@ from fl_sparse.reporting.plots import budget_plot, plots, require_matplotlib
 from fl_sparse.reporting.reach import THRESHOLDS, reach_table
 from fl_sparse.reporting.records import RunRecord
 from fl_sparse.reporting.summary import collect, markdown_table
+from fl_sparse.reporting.turnover import write_turnover
 
 
 def write_report(records: list[RunRecord], out: Path, reach_thresholds: tuple[float, ...] | None = None) -> list[Path]:
@@ -20,4 +21,4 @@ def write_report(records: list[RunRecord], out: Path, reach_thresholds: tuple[fl
     table.write_text(markdown_table(groups))
     reach.write_text(reach_table(groups, reach_thresholds or THRESHOLDS))
     budget = budget_plot(groups, out)
-    return [table, reach, *plots(groups, out), *([budget] if budget else [])]
+    return [table, reach, *plots(groups, out), *([budget] if budget else []), *write_turnover(groups, out)]

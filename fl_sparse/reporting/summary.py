@@ -75,6 +75,7 @@ def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
             continue
         summary = summarize(history)
         summary["wall_s"] = active_seconds(record.info["start_ms"], list(record.logged_ms.values()))
+        summary["turnover"] = {key: record.history(key) for key in ("weights_regrown", "weights_dropped")}
         planned = record.info["params"].get("Experiment.rounds", "")
         summary.update(run_id=record.info["run_id"], seed=str(record.info["seed"]),
                        planned=int(planned) if planned.isdigit() else None)
