@@ -1,4 +1,4 @@
-"""The clients a :class:`~fl_sparse.core.interfaces.MaskDiscovery` talks to before round 1, in this process: the
+"""The clients a :class:`~fl_sparse.core.discovery.MaskDiscovery` talks to before round 1, in this process: the
 run's own data, executor, codecs and accounting, so that a discovery phase is trained, encoded and counted like
 the rounds that follow it."""
 
@@ -10,10 +10,10 @@ import math
 import torch
 from torch.func import functional_call
 
+from fl_sparse.core.discovery import DiscoveryClients
 from fl_sparse.core.errors import check
 from fl_sparse.core.interfaces import (
     ClientResult,
-    DiscoveryClients,
     Link,
     MaskPolicy,
     Message,

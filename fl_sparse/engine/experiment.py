@@ -15,6 +15,7 @@ from typing import Callable
 import gin
 import torch
 
+from fl_sparse.core.discovery import MaskDiscovery
 from fl_sparse.core.errors import check
 from fl_sparse.core.interfaces import (
     Aggregator,
@@ -23,7 +24,6 @@ from fl_sparse.core.interfaces import (
     CommCodec,
     FreezePolicy,
     LocalObjective,
-    MaskDiscovery,
     MaskPolicy,
     ModelReparameterization,
     SparsitySchedule,

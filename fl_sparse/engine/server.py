@@ -53,7 +53,7 @@ class RoundServer:
 
     def initial_state(self) -> ServerState:
         """The state before round 1: the initial model under the mask policy's initial mask, or under the mask
-        a :class:`~fl_sparse.core.interfaces.MaskDiscovery` settled with the clients (its bytes and FLOPs
+        a :class:`~fl_sparse.core.discovery.MaskDiscovery` settled with the clients (its bytes and FLOPs
         counted, and logged with round 1)."""
         exp = self.experiment
         weights = {name: t.detach().clone() for name, t in self.model.state_dict().items()}

@@ -11,8 +11,9 @@ import math
 import gin
 import torch
 
+from fl_sparse.core.discovery import DiscoveryClients, MaskDiscovery
 from fl_sparse.core.errors import ConfigError, check
-from fl_sparse.core.interfaces import DiscoveryClients, MaskDiscovery, Tensors
+from fl_sparse.core.interfaces import Tensors
 from fl_sparse.sparse import mask_ops
 
 STATISTICS = ("running_mean", "running_var")

@@ -16,8 +16,9 @@ import math
 import gin
 import torch
 
+from fl_sparse.core.discovery import DiscoveryClients, MaskDiscovery
 from fl_sparse.core.errors import check
-from fl_sparse.core.interfaces import DiscoveryClients, MaskDiscovery, MaskPolicy, Tensors
+from fl_sparse.core.interfaces import MaskPolicy, Tensors
 from fl_sparse.parts.mask_policies import maskable_shapes
 from fl_sparse.sparse import mask_ops
 from fl_sparse.sparse.budgets import split_capped
