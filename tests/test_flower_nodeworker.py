@@ -125,6 +125,28 @@ def no_training_in_this_process():
         yield
 
 
+def test_a_restarted_worker_goes_on_with_the_frozen_part_its_client_held(tmp_path):
+    """The server sends a frozen part once: a worker restarted on the same socket reads it from its private
+    directory; a torn file counts as nothing kept; evicted runs leave no file."""
+    from fl_sparse.flower import nodeworker
+    from fl_sparse.flower.client_side import FrozenMemory
+
+    path = tmp_path / "private" / "worker.sock"
+    path.parent.mkdir(mode=0o700)
+    memory = FrozenMemory(2, {"fc.weight": torch.tensor([[True, False]])}, {"fc.weight": torch.tensor([[0.5, 0.0]])})
+    NodeWorker(path).remember((7, 3), memory)
+    back = NodeWorker(path).recall((7, 3))  # a fresh process: nothing in memory
+    assert back.version == 2 and torch.equal(back.frozen["fc.weight"], memory.frozen["fc.weight"])
+    assert torch.equal(back.values["fc.weight"], memory.values["fc.weight"])
+    assert NodeWorker(path).recall((7, 4)).version == 0  # another client of the run held nothing
+    NodeWorker(path).memory_file((8, 3)).write_bytes(b"torn")
+    assert NodeWorker(path).recall((8, 3)).version == 0
+    worker = NodeWorker(path)
+    for run in range(100, 100 + nodeworker.RUNS_KEPT + 1):
+        worker.remember((run, 0), memory)
+    assert not worker.memory_file((100, 0)).exists() and worker.memory_file((101, 0)).exists()
+
+
 def test_node_workers_match_the_in_process_engine_bitwise(task_identity, workers, tmp_path):
     """PFFDST with 1-round stages through three node workers: round 2 delivers the frozen part, which the
     workers keep for the run; the final weights, mask and bytes are the in-process engine's, bit for bit."""

@@ -8,8 +8,9 @@ ClientApp relays each train message to it over one Unix socket (protocol and byt
 :mod:`fl_sparse.flower.worker_wire`) and relays its update back.
 
 The worker keeps each run's frozen part (:class:`fl_sparse.flower.client_side.FrozenMemory`) keyed by run id, for
-the last :data:`RUNS_KEPT` runs. A worker restarted mid-run has lost it: its client's replies are refused until the
-server delivers the next freeze version, as for a client that missed a frozen part.
+the last :data:`RUNS_KEPT` runs, in memory and, as each new freeze version arrives, in a safetensors file in the
+socket's private directory (no pickle), so that a worker restarted with the same ``--socket`` goes on with what
+its client held: the server sends a frozen part once, and a client that lost it is refused until the next one.
 
 Requests are served one at a time (a SuperNode handles one message at a time). Every refused or failed request
 is answered with a one-line error, which the server logs as that client's rejection; the worker goes on.
@@ -18,6 +19,7 @@ is answered with a one-line error, which the server logs as that client's reject
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -57,6 +59,9 @@ class NodeWorker:
                 else:
                     raise ConfigError(f"--socket {self.path}: another node worker listens there; stop it or give "
                                       "another path")
+        kept = sorted(self.path.parent.glob("frozen-run*.safetensors"), key=lambda f: f.stat().st_mtime)
+        for stale in kept[:-RUNS_KEPT]:  # frozen parts of runs older than the last RUNS_KEPT
+            stale.unlink()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(self.path))
         os.chmod(self.path, 0o600)
@@ -122,15 +127,52 @@ class NodeWorker:
         client, _ = partitions.node_partition(node_config, built.server.experiment.num_clients)
         return {"numbers": numbers, "client": client, "built": built, "build_s": time.perf_counter() - started}
 
+    def memory_file(self, key: tuple[int, int]) -> Path:
+        return self.path.parent / f"frozen-run{key[0]}-client{key[1]}.safetensors"
+
+    def recall(self, key: tuple[int, int]) -> client_side.FrozenMemory:
+        """What the client of run ``key[0]`` held: from memory, else from the file an earlier worker on this socket
+        wrote, else nothing (version 0)."""
+        if key in self.memories:
+            return self.memories[key]
+        from safetensors.torch import safe_open
+
+        try:
+            with safe_open(str(self.memory_file(key)), framework="pt") as kept:
+                tensors = {name: kept.get_tensor(name) for name in kept.keys()}
+                version = int(kept.metadata()["version"])
+        except FileNotFoundError:
+            return client_side.FrozenMemory()
+        except Exception as error:  # a torn or foreign file: as if nothing were kept, the server will refuse
+            log.warning("node worker: ignoring %s (%s)", self.memory_file(key), first_line(error))
+            return client_side.FrozenMemory()
+        part = {kind: {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith(kind + "/")}
+                for kind in ("frozen", "values")}
+        return client_side.FrozenMemory(version, part["frozen"], part["values"])
+
+    def remember(self, key: tuple[int, int], memory: client_side.FrozenMemory) -> None:
+        """Keep ``memory`` for the run; write it to its file when its version is new (written whole, then renamed
+        into place, so a worker killed while writing leaves the previous file)."""
+        from safetensors.torch import save_file
+
+        if memory.version and memory.version != self.recall(key).version:
+            tensors = {**{f"frozen/{n}": t.contiguous() for n, t in memory.frozen.items()},
+                       **{f"values/{n}": t.contiguous() for n, t in memory.values.items()}}
+            partial = self.memory_file(key).with_suffix(".partial")
+            save_file(tensors, str(partial), metadata={"version": str(memory.version)})
+            os.replace(partial, self.memory_file(key))
+        self.memories[key] = memory
+        self.memories.move_to_end(key)
+        while len(self.memories) > RUNS_KEPT:
+            evicted, _ = self.memories.popitem(last=False)
+            with contextlib.suppress(FileNotFoundError):
+                self.memory_file(evicted).unlink()
+
     def train(self, request: dict, downlink: bytes) -> tuple[dict, bytes]:
         numbers, client, built = request["numbers"], request["client"], request["built"]
         key = (numbers.pop("run"), client)
-        memory = self.memories.get(key) or client_side.FrozenMemory()
-        trained = client_side.train_on_downlink(built, client, numbers, downlink, memory)
-        self.memories[key] = trained.memory
-        self.memories.move_to_end(key)
-        while len(self.memories) > RUNS_KEPT:
-            self.memories.popitem(last=False)
+        trained = client_side.train_on_downlink(built, client, numbers, downlink, self.recall(key))
+        self.remember(key, trained.memory)
         seconds = {"build": request["build_s"], **trained.seconds}
         log.info("node worker: run %d round %d client %d: %s", key[0], numbers["round"], client,
                  " ".join(f"{name} {value:.3f} s" for name, value in seconds.items()))
