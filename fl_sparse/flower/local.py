@@ -51,7 +51,8 @@ def free_port() -> int:
 
 class LocalFlower:
     """A private SuperLink and SuperExec, started on ``__enter__`` and stopped (with every process they started)
-    on ``__exit__``. ``env``: more environment variables for them.
+    on ``__exit__``. ``env``: more environment variables for them (a ``PATH`` there comes after this environment's
+    scripts).
 
     With ``supernodes`` (one ``--node-config`` string each), a loopback deployment instead: a deployment SuperLink
     (``--isolation subprocess``: it runs the ServerApp itself) and one ``flower-supernode`` per node config, all on
@@ -73,8 +74,11 @@ class LocalFlower:
         self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_worker_niceness": "0",
                     "RAY_ADDRESS": "local", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
-                    "PATH": f"{self.scripts}{os.pathsep}{os.environ.get('PATH', '')}",
                     **self.extra_env}
+        # This environment's scripts first, also where the caller's env brings a PATH of its own: the SuperLink
+        # starts flower-superexec and the SuperNodes flwr-clientapp by name, and another environment's would not
+        # import this one's fl_sparse.
+        self.env["PATH"] = f"{self.scripts}{os.pathsep}{self.env.get('PATH', '')}"
         try:
             if self.supernodes is None:
                 # --insecure: it listens on 127.0.0.1 only, for this command's flwr and SuperExec
