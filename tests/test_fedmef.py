@@ -82,6 +82,27 @@ def test_the_extrusion_gradient_is_two_lambda_w_on_theta_low_and_zero_elsewhere(
     assert torch.allclose((extruded - plain)[low], 2 * 0.25 * params["w"].detach()[low])
 
 
+def test_the_research_codes_extrusion_penalises_half_the_planned_count_chosen_again_at_each_step():
+    """norm='l2', fraction=0.5, per_step=True: strength * ||w_S||_2 over S, the smallest-|w| half of the planned
+    count among the active weights of the current model; gradient strength * w / ||w_S|| on S, 0 elsewhere."""
+    objective = Extrusion(strength=0.25, norm="l2", fraction=0.5, per_step=True)
+    bound = objective.at_round(_ctx(), WEIGHTS, MASK, {}, _policy())
+    logits, targets = torch.zeros(1, 3, requires_grad=True), torch.tensor([1])
+
+    def extra_gradient(values):
+        params = {"w": torch.tensor(values, requires_grad=True)}
+        plain = torch.autograd.grad(objective.loss(logits, targets, params, params), params["w"], allow_unused=True,
+                                    materialize_grads=True)[0]
+        return torch.autograd.grad(bound.loss(logits, targets, params, params), params["w"])[0] - plain
+
+    # Planned: 2 weights, so 1 per step; with these weights the smallest active one is index 3 ...
+    first = extra_gradient([0.7, -0.2, 0.4, 0.1, -0.6, 0.5, 0.0, 0.0])
+    assert first.nonzero().flatten().tolist() == [3] and torch.allclose(first[3], torch.tensor(0.25))  # w/|w|
+    # ... and after a step that moves it, the set follows the weights (index 1 now), still among active ones.
+    second = extra_gradient([0.7, -0.05, 0.4, 0.3, -0.6, 0.5, 0.0, 0.0])
+    assert second.nonzero().flatten().tolist() == [1] and torch.allclose(second[1], torch.tensor(-0.25))
+
+
 def test_a_fedmef_run_keeps_layer_counts_and_pays_for_its_scores_in_adjustment_rounds():
     sim = simulation("fedmef", "Readjusting.readjust_every = 2", rounds=4)  # adjusts in no round: 2 !< 0.6 * 4
     plain = simulation("random_mask", rounds=4)

@@ -49,41 +49,80 @@ class Proximal(CrossEntropy):
 @gin.configurable
 class Extrusion(CrossEntropy):
     """FedMef's budget-aware extrusion (Huang et al., CVPR 2024): in a round whose server step will prune, the
-    client's loss adds ``strength * ||theta_low||^2``, theta_low being per layer the weights the server would
-    prune if they did not move (:meth:`MaskPolicy.planned_prune`; with :class:`ScoredReadjust` the k smallest-|w|
-    active weights of the model the client received), so that training moves what they carry into the weights
-    that stay. The term's gradient is ``2 * strength * w`` on theta_low and exactly 0 elsewhere, and the term is
-    absent in rounds that prune nothing. FedMef's research code uses 0.01, ramped up from 0 (not here), on the sum
-    of the layers' unsquared norms. Its budget-aware learning rate is :class:`BudgetAwareRate`, which reads
+    client's loss adds a penalty on theta_low, per layer the weights the server would prune if they did not move
+    (:meth:`MaskPolicy.planned_prune`; with :class:`ScoredReadjust` the k smallest-|w| active weights of the model
+    the client received), so that training moves what they carry into the weights that stay. The term is absent
+    in rounds that prune nothing, and its gradient is exactly 0 outside theta_low.
+
+    ``norm='squared'``, ``fraction=1``, ``per_step=False`` (the defaults): ``strength * ||theta_low||^2`` over the
+    whole planned set, fixed for the round: gradient ``2 * strength * w`` on theta_low. The research code
+    (Little0o0/FedML branch aaai @ 6e704fd3, fedml_api/standalone/fedmem/my_model_trainer_classification.py:39-52
+    and 238-260, defaults main_fedavg.py:112, 134-140): ``norm='l2'`` (``strength * sum over layers of
+    ||theta_low||_2``, its ``p = 2``), ``fraction=0.5`` (its ``num_growth // 2`` per layer) and ``per_step=True``
+    (``update_penalty_index`` re-chooses, before every local step, the smallest-|w| active weights of the current
+    model; its ``fix_penalty = 0``). Its strength rises by 1e-4 per step up to 0.01 (``delta_lam``); here it is
+    0.01 from the first step. Its budget-aware learning rate is :class:`BudgetAwareRate`, which reads
     :meth:`budget_penalty` in the rounds with a term."""
 
-    def __init__(self, strength: float = 0.01, reference_softmax: bool = False):
+    def __init__(self, strength: float = 0.01, reference_softmax: bool = False, norm: str = "squared",
+                 fraction: float = 1.0, per_step: bool = False):
         check(strength >= 0, f"Extrusion.strength={strength} must be >= 0 (FedMef: 0.01)")
+        check(norm in ("squared", "l2"), f"Extrusion.norm={norm!r}: give 'squared' or 'l2' (FedMef's code)")
+        check(0 < fraction <= 1, f"Extrusion.fraction={fraction} must lie in (0, 1] (FedMef's code: 0.5)")
         super().__init__(reference_softmax)
-        self.strength = strength
+        self.strength, self.norm, self.fraction, self.per_step = strength, norm, fraction, per_step
 
     def at_round(self, ctx, weights, mask, frozen, mask_policy):
         low = mask_policy.planned_prune(ctx, weights, mask, frozen)
         if not self.strength or not any(bool(m.any()) for m in low.values()):
             return self
-        return _Extruding(self, {name: m.to(weights[name].dtype) for name, m in low.items() if m.any()})
+        counts = {name: int(int(m.sum()) * self.fraction) for name, m in low.items()}
+        if self.per_step:  # the set is chosen again at every step among the active (and unfrozen) weights
+            candidates = {name: mask[name] & ~frozen[name] if name in frozen else mask[name] for name in counts}
+            return _Extruding(self, candidates, counts)
+        chosen = {}
+        for name, m in low.items():  # the planned set is the k smallest: keep its smallest `fraction`
+            magnitude = torch.where(m, weights[name].abs(), torch.full_like(weights[name], float("inf")))
+            chosen[name] = _smallest(magnitude, counts[name])
+        return _Extruding(self, chosen, None)
+
+
+def _smallest(magnitude: torch.Tensor, count: int) -> torch.Tensor:
+    """A bool tensor marking the ``count`` smallest entries of ``magnitude`` (ties: the lower index)."""
+    gate = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+    if count:
+        gate[torch.sort(magnitude.flatten(), stable=True).indices[:count]] = True
+    return gate.view_as(magnitude)
 
 
 class _Extruding(LocalObjective):
-    """An :class:`Extrusion` bound to one round's theta_low (0/1 gates in the weights' dtype)."""
+    """An :class:`Extrusion` bound to one round: theta_low fixed (``counts`` None), or the ``counts[name]``
+    smallest-|w| of the ``gates`` chosen again from the current weights at each step."""
 
-    def __init__(self, base: Extrusion, low: Tensors):
-        self.base, self.low = base, low
+    def __init__(self, base: Extrusion, gates: Tensors, counts: dict[str, int] | None):
+        self.base, self.gates, self.counts = base, {n: g for n, g in gates.items() if g.any()}, counts
+
+    def theta_low(self, params: Tensors) -> Tensors:
+        if self.counts is None:
+            return self.gates
+        with torch.no_grad():
+            return {name: _smallest(torch.where(gate, params[name].abs(), torch.full_like(params[name], float("inf"))),
+                                    self.counts[name]) for name, gate in self.gates.items() if self.counts[name]}
 
     def loss(self, logits, targets, params, global_params):
-        penalty = sum(((params[name] * gate) ** 2).sum() for name, gate in self.low.items())
+        low = self.theta_low(params)
+        if self.base.norm == "squared":
+            penalty = sum((params[name][gate] ** 2).sum() for name, gate in low.items())
+        else:
+            penalty = sum(torch.linalg.vector_norm(params[name][gate]) for name, gate in low.items())
         return self.base.loss(logits, targets, params, global_params) + self.base.strength * penalty
 
     def budget_penalty(self, params: Tensors) -> float:
         """Sum over layers of ``||theta_low||_2`` (unsquared), the research code's ``penalty`` that its
         budget-aware learning rate reads (my_model_trainer_classification.py:249)."""
         with torch.no_grad():
-            return float(sum(torch.linalg.vector_norm(params[name] * gate) for name, gate in self.low.items()))
+            low = self.theta_low(params)
+            return float(sum(torch.linalg.vector_norm(params[name][gate]) for name, gate in low.items()))
 
 
 @gin.configurable
