@@ -26,7 +26,12 @@ from fl_sparse.reporting.records import RunRecord
 # Rows in the paper's order, with the names the paper uses.
 METHODS = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedprox": "FedProx", "random_mask": "RandomMask",
            "feddst": "FedDST", "feddst_fedprox": "FedDST+FedProx", "pffdst": "PFFDST",
-           "pffdst_wo_pf": "PFFDST w/o PF", "pffdst_wo_smr": "PFFDST w/o SMR", "sparsyfed": "SparsyFed"}
+           "pffdst_wo_pf": "PFFDST w/o PF", "pffdst_wo_smr": "PFFDST w/o SMR", "sparsyfed": "SparsyFed",
+           # then the compositions of later issues, by the names their papers use
+           "sparsyfed_exact_density": "SparsyFed (exact density)", "feddst_votes": "FedDST (votes)",
+           "pffdst_wo_pf_authors": "PFFDST w/o PF (authors')", "pffdst_wo_smr_authors": "PFFDST w/o SMR (authors')",
+           "flash_spdst": "FLASH SPDST", "flash_jointdst": "FLASH JointDST", "flash_pf": "FLASH + PF",
+           "fedmef": "FedMef", "fedmef_bn": "FedMef (NSC)", "fedtiny": "FedTiny", "prunefl": "PruneFL"}
 TAIL = 10  # evaluations averaged for the "last 10" column: one evaluation is a noisy draw
 
 
