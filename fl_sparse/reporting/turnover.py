@@ -21,8 +21,9 @@ def _per_round(runs: list[dict], key: str) -> dict[int, float]:
     return {r: statistics.mean(s[r] for s in series) for r in rounds}
 
 
-def _logged(runs: list[dict]) -> bool:
-    return all(run.get("turnover", {}).get(KEYS[0]) for run in runs)
+def _logged(runs: list[dict]) -> list[dict]:
+    """The runs that logged turnover (runs older than the metric did not)."""
+    return [run for run in runs if run.get("turnover", {}).get(KEYS[0])]
 
 
 def turnover_table(groups: dict[tuple[str, str], list[dict]]) -> str | None:
@@ -31,7 +32,8 @@ def turnover_table(groups: dict[tuple[str, str], list[dict]]) -> str | None:
     lines = ["| method | budget | seeds | regrown / round | dropped / round | rounds with a change | "
              "regrown / round, first 10 % | regrown / round, last 10 % |", "|---|---|---|---|---|---|---|---|"]
     for (algorithm, column), runs in sorted_groups(groups):
-        if not _logged(runs):
+        runs = _logged(runs)
+        if not runs:
             continue
         regrown, dropped = _per_round(runs, KEYS[0]), _per_round(runs, KEYS[1])
         rounds = sorted(regrown)
@@ -47,14 +49,14 @@ def turnover_table(groups: dict[tuple[str, str], list[dict]]) -> str | None:
         return None
     return "\n".join(lines) + (
         "\n\nSeed means over rounds 2 on (round 1 prunes the dense start). *regrown*: weights zero in the global model"
-        " of round r and non-zero in that of round r + 1; *dropped*: the reverse. A run that did not log them (runs"
-        " older than the metric) has no row.\n")
+        " of round r and non-zero in that of round r + 1; *dropped*: the reverse. *seeds*: the runs that logged them"
+        " (runs older than the metric did not).\n")
 
 
 def turnover_series(groups: dict[tuple[str, str], list[dict]]) -> dict[str, dict[int, float]]:
     """{legend label: {round: weights regrown, seed mean}} of the groups that logged it."""
-    return {f"{METHODS.get(algorithm, algorithm)} ({column}, {len(runs)} seeds)": _per_round(runs, KEYS[0])
-            for (algorithm, column), runs in sorted_groups(groups) if _logged(runs)}
+    return {f"{METHODS.get(algorithm, algorithm)} ({column}, {len(logged)} seeds)": _per_round(logged, KEYS[0])
+            for (algorithm, column), runs in sorted_groups(groups) if (logged := _logged(runs))}
 
 
 def write_turnover(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
