@@ -150,12 +150,15 @@ class NodeWorker:
                 for kind in ("frozen", "values")}
         return client_side.FrozenMemory(version, part["frozen"], part["values"])
 
-    def remember(self, key: tuple[int, int], memory: client_side.FrozenMemory) -> None:
-        """Keep ``memory`` for the run; write it to its file when its version is new (written whole, then renamed
-        into place, so a worker killed while writing leaves the previous file)."""
+    def remember(self, key: tuple[int, int], memory: client_side.FrozenMemory,
+                 held: client_side.FrozenMemory | None = None) -> None:
+        """Keep ``memory`` for the run; write it to its file when its version is new against ``held``, what the
+        client held before (default: :meth:`recall`). Written whole, then renamed into place, so a worker killed
+        while writing leaves the previous file."""
         from safetensors.torch import save_file
 
-        if memory.version and memory.version != self.recall(key).version:
+        held = self.recall(key) if held is None else held
+        if memory.version and memory.version != held.version:
             tensors = {**{f"frozen/{n}": t.contiguous() for n, t in memory.frozen.items()},
                        **{f"values/{n}": t.contiguous() for n, t in memory.values.items()}}
             partial = self.memory_file(key).with_suffix(".partial")
@@ -171,8 +174,9 @@ class NodeWorker:
     def train(self, request: dict, downlink: bytes) -> tuple[dict, bytes]:
         numbers, client, built = request["numbers"], request["client"], request["built"]
         key = (numbers.pop("run"), client)
-        trained = client_side.train_on_downlink(built, client, numbers, downlink, self.recall(key))
-        self.remember(key, trained.memory)
+        held = self.recall(key)
+        trained = client_side.train_on_downlink(built, client, numbers, downlink, held)
+        self.remember(key, trained.memory, held)
         seconds = {"build": request["build_s"], **trained.seconds}
         log.info("node worker: run %d round %d client %d: %s", key[0], numbers["round"], client,
                  " ".join(f"{name} {value:.3f} s" for name, value in seconds.items()))

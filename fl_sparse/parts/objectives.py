@@ -80,15 +80,14 @@ class Extrusion(CrossEntropy):
         if self.per_step:  # the set is chosen again at every step among the active (and unfrozen) weights
             candidates = {name: mask[name] & ~frozen[name] if name in frozen else mask[name] for name in counts}
             return _Extruding(self, candidates, counts)
-        chosen = {}
-        for name, m in low.items():  # the planned set is the k smallest: keep its smallest `fraction`
-            magnitude = torch.where(m, weights[name].abs(), torch.full_like(weights[name], float("inf")))
-            chosen[name] = _smallest(magnitude, counts[name])
-        return _Extruding(self, chosen, None)
+        # The planned set is the k smallest: keep its smallest `fraction`.
+        return _Extruding(self, {name: _smallest(weights[name], m, counts[name]) for name, m in low.items()}, None)
 
 
-def _smallest(magnitude: torch.Tensor, count: int) -> torch.Tensor:
-    """A bool tensor marking the ``count`` smallest entries of ``magnitude`` (ties: the lower index)."""
+def _smallest(values: torch.Tensor, within: torch.Tensor, count: int) -> torch.Tensor:
+    """A bool tensor marking the ``count`` smallest-|value| entries among those ``within`` marks (ties: the lower
+    index)."""
+    magnitude = torch.where(within, values.detach().abs(), torch.full_like(values.detach(), float("inf")))
     gate = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
     if count:
         gate[torch.sort(magnitude.flatten(), stable=True).indices[:count]] = True
@@ -105,9 +104,8 @@ class _Extruding(LocalObjective):
     def theta_low(self, params: Tensors) -> Tensors:
         if self.counts is None:
             return self.gates
-        with torch.no_grad():
-            return {name: _smallest(torch.where(gate, params[name].abs(), torch.full_like(params[name], float("inf"))),
-                                    self.counts[name]) for name, gate in self.gates.items() if self.counts[name]}
+        return {name: _smallest(params[name], gate, self.counts[name])
+                for name, gate in self.gates.items() if self.counts[name]}
 
     def loss(self, logits, targets, params, global_params):
         low = self.theta_low(params)

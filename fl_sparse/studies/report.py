@@ -19,8 +19,8 @@ def write_study_report(study: Study, out: Path) -> list[Path]:
     written = []
     for folder, report in reports(study).items():
         # "STUDY/GROUP": a baseline another study ran is read from its exports, not trained again here
-        groups = [out.parent / group.split("/")[0] / "runs" / group.split("/")[1] if "/" in group
-                  else out / "runs" / group for group in report.runs]
+        groups = [(out.parent / study if study else out) / "runs" / group
+                  for study, _, group in (entry.rpartition("/") for entry in report.runs)]
         present = [group for group in groups if any(group.glob("*.json"))]
         if not present:
             raise ConfigError(f"{study.path}: [reports.{folder}] has no exports yet in {', '.join(map(str, groups))}; "
