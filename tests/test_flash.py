@@ -125,12 +125,18 @@ def test_flash_with_freezing_keeps_the_frozen_weights_and_grows_to_the_second_st
     sim = simulation("flash_pf", *FAST, rounds=4)
     schedule = sim.experiment.schedule
     total = sum(m.numel() for m in sim.initial_state().mask.values())
-    frozen_values = None
+    frozen_values, stage1_mask = None, None
     for _, state, _ in play(sim):
         density = sum(active_counts(state.mask).values()) / total
+        if state.round == 1:
+            stage1_mask = state.mask
         if state.round == 2:  # stage 1 ends: freeze every non-zero weight, then the budgets of stage 2
             # up to the second stage's density: a layer the consensus fills is capped, its excess not spread
             assert state.frozen and 1 - schedule.phase(1).sparsity < density <= 1 - schedule.phase(3).sparsity
+            # What is frozen is the stage's model, under the mask its last round was sent, not the union of
+            # what the clients proposed in that round; so stage 2 has weights left to train.
+            assert all(bool((f <= stage1_mask[n]).all()) for n, f in state.frozen.items())
+            assert sum(active_counts(state.frozen).values()) < sum(active_counts(state.mask).values())
             frozen_values = {n: state.weights[n][f].clone() for n, f in state.frozen.items()}
         if state.round > 2:
             for name, frozen in state.frozen.items():

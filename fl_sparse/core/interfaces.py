@@ -84,6 +84,9 @@ class RoundContext:
     # when called. None on clients.
     scores: Callable[[], Tensors] | None = None
     uploads: int = 0  # on the server after aggregation: how many uploads were accepted (0 on clients)
+    # On the server after aggregation: the global mask the round's clients were sent. The aggregate's mask may
+    # hold more (the union of what clients proposed, e.g. FLASH's JointDST); None on clients.
+    sent_mask: Tensors | None = None
 
 
 @dataclasses.dataclass

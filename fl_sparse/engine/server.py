@@ -173,12 +173,13 @@ class RoundServer:
         weights, mask, frozen, freeze_version = state.weights, state.mask, state.frozen, state.freeze_version
         if uploads:
             weights, mask = exp.aggregator.aggregate(weights, mask, frozen, uploads)
+            ctx = dataclasses.replace(ctx, votes=functools.partial(_votes, uploads),
+                                      scores=functools.partial(_mean_scores, uploads), uploads=len(uploads),
+                                      sent_mask=state.mask)
             evaluate_aggregated = functools.partial(evaluate, self.model, weights, self.data)  # only if asked
             weights, mask = exp.freeze_policy.stage_start_model(ctx, weights, mask, evaluate_aggregated)
             frozen = exp.freeze_policy.server_step(ctx, weights, mask, frozen)
             freeze_version += frozen is not state.frozen
-            ctx = dataclasses.replace(ctx, votes=functools.partial(_votes, uploads),
-                                      scores=functools.partial(_mean_scores, uploads), uploads=len(uploads))
             weights, mask = exp.mask_policy.server_step(ctx, weights, mask, frozen)
         else:
             warnings.warn(f"round {r}: every client update was rejected; the global model is unchanged",

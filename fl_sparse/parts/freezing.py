@@ -23,8 +23,11 @@ class NoFreeze(FreezePolicy):
 @gin.configurable
 class FreezeAtStage(FreezePolicy):
     """PFFDST parameter freezing (Algorithm 2): when a stage of the schedule ends, every non-zero
-    weight inside the mask is frozen for the rest of the run. Frozen weights are never trained,
-    never pruned and sent to each client only once.
+    weight of the stage's model is frozen for the rest of the run. Frozen weights are never trained,
+    never pruned and sent to each client only once. The stage's model is the last aggregate under the mask
+    the stage trained (the one its last round's clients were sent): coordinates that clients only proposed in
+    that round (FLASH's JointDST moves masks on the clients, flash_pf.gin) are not frozen; the mask policy
+    keeps or drops them for the next stage. Where clients keep the server's mask (PFFDST) the two are the same.
 
     ``reference_stage2_from_best_test = True`` (opt-in, never a default) is the reference code's behaviour
     and is MODEL SELECTION ON THE TEST SET: at the stage switch the reference loads ``best_params``, the
@@ -39,13 +42,17 @@ class FreezeAtStage(FreezePolicy):
     def __init__(self, reference_stage2_from_best_test: bool = False):
         self.reference_stage2_from_best_test = bool(reference_stage2_from_best_test)
         self.best: dict | None = None  # {"accuracy", "round", "weights", "mask"} of the best evaluated model
+        self.started_from_best = False  # set by stage_start_model for the server_step that follows it
 
     def server_step(self, ctx, weights, mask, frozen):
         if not ctx.phase.stage_ends:
             return frozen
+        # A best model's mask is a global one already; otherwise the aggregate's mask may hold clients' proposals.
+        trained = mask if self.started_from_best or ctx.sent_mask is None else ctx.sent_mask
+        self.started_from_best = False
         new_frozen = {}
         for name, active in mask.items():
-            nonzero = active & (weights[name] != 0)
+            nonzero = active & trained[name] & (weights[name] != 0)
             new_frozen[name] = nonzero | frozen[name] if name in frozen else nonzero
         return new_frozen
 
@@ -66,6 +73,7 @@ class FreezeAtStage(FreezePolicy):
             chosen, weights_mask = (ctx.phase.round, last), (weights, mask)
         else:
             chosen, weights_mask = (best["round"], best["accuracy"]), (best["weights"], best["mask"])
+            self.started_from_best = True
         warnings.warn(f"round {ctx.phase.round}: stage {ctx.phase.stage + 2} starts from the global model of round "
                       f"{chosen[0]} ({BEST_TEST_METRIC} {chosen[1]:.4f}; the stage's last model has {last:.4f}): "
                       "FreezeAtStage.reference_stage2_from_best_test selects the model on the TEST set, as the "
