@@ -14,7 +14,7 @@ from fl_sparse.core.interfaces import ClientResult, Phase, RoundContext
 from fl_sparse.core.rng import generator
 from fl_sparse.engine.server import _mean_scores
 from fl_sparse.parts.mask_policies import ScoredReadjust
-from fl_sparse.parts.objectives import Extrusion
+from fl_sparse.parts.objectives import Extrusion, _smallest
 from fl_sparse.sparse.mask_ops import active_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +101,25 @@ def test_the_research_codes_extrusion_penalises_half_the_planned_count_chosen_ag
     # ... and after a step that moves it, the set follows the weights (index 1 now), still among active ones.
     second = extra_gradient([0.7, -0.05, 0.4, 0.3, -0.6, 0.5, 0.0, 0.0])
     assert second.nonzero().flatten().tolist() == [1] and torch.allclose(second[1], torch.tensor(-0.25))
+
+
+def test_a_per_step_extrusion_chooses_its_set_once_per_step(monkeypatch):
+    """The budget-aware rate and the loss read theta_low at the same weights (the loss on detached leaves): the
+    set is chosen once, and again after a step changes the weights in place."""
+    from fl_sparse.parts import objectives
+
+    calls = []
+    monkeypatch.setattr(objectives, "_smallest", lambda *args: calls.append(1) or _smallest(*args))
+    bound = Extrusion(strength=0.25, norm="l2", fraction=0.5, per_step=True).at_round(_ctx(), WEIGHTS, MASK, {},
+                                                                                       _policy())
+    params = {"w": torch.tensor([0.7, -0.2, 0.4, 0.1, -0.6, 0.5, 0.0, 0.0])}
+    logits, targets = torch.zeros(1, 3), torch.tensor([1])
+    penalty = bound.budget_penalty(params)
+    leaves = {"w": params["w"].detach().requires_grad_()}
+    bound.loss(logits, targets, leaves, leaves)
+    assert len(calls) == 1 and math.isclose(penalty, 0.1, rel_tol=1e-6)
+    params["w"][3] = 0.3  # an in-place step: the smallest active weight is now index 1
+    assert math.isclose(bound.budget_penalty(params), 0.2, rel_tol=1e-6) and len(calls) == 2
 
 
 def test_a_fedmef_run_keeps_layer_counts_and_pays_for_its_scores_in_adjustment_rounds():

@@ -100,12 +100,20 @@ class _Extruding(LocalObjective):
 
     def __init__(self, base: Extrusion, gates: Tensors, counts: dict[str, int] | None):
         self.base, self.gates, self.counts = base, {n: g for n, g in gates.items() if g.any()}, counts
+        self._last: tuple[list[torch.Tensor], tuple, Tensors] | None = None
 
     def theta_low(self, params: Tensors) -> Tensors:
         if self.counts is None:
             return self.gates
-        return {name: _smallest(params[name], gate, self.counts[name])
-                for name, gate in self.gates.items() if self.counts[name]}
+        # A step reads the set twice at the same weights (the budget-aware rate, then the loss on detached leaves,
+        # which share storage and version counter): choose it once. The memo holds the tensors, so their storage
+        # stays alive and an equal (pointer, version) key means the same values.
+        names = [name for name in self.gates if self.counts[name]]
+        key = tuple((params[name].data_ptr(), params[name]._version) for name in names)
+        if self._last is None or self._last[1] != key:
+            low = {name: _smallest(params[name], self.gates[name], self.counts[name]) for name in names}
+            self._last = ([params[name] for name in names], key, low)
+        return self._last[2]
 
     def loss(self, logits, targets, params, global_params):
         low = self.theta_low(params)
