@@ -58,3 +58,10 @@ def test_rounds_logged_twice_by_a_resumed_run_count_once():
     h = history([0.1, 0.2, 0.3])
     h["test_accuracy"] = h["test_accuracy"] + [(2, 0.2), (3, 0.3)]  # rounds 2-3 replayed after a resume
     assert summarize(h)[f"last{TAIL}_test_accuracy"] == pytest.approx(20.0)
+
+
+def test_a_reports_curves_differ_in_colour_or_dash_up_to_thirty_methods():
+    from fl_sparse.reporting.plots import _style
+
+    styles = [tuple(sorted(_style(index).items())) for index in range(30)]
+    assert len(set(styles)) == 30

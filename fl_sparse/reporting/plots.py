@@ -48,15 +48,21 @@ def _save(fig, ax, path: Path) -> Path:
     return path
 
 
+def _style(index: int) -> dict:
+    """Line colour and dash of the ``index``-th curve: matplotlib's 10 colours, then again dashed, then dotted, so
+    that no two curves of a report look alike."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":")[index // 10 % 3]}
+
+
 def plots(groups: dict[tuple[str, str], list[dict]], out: Path) -> list[Path]:
     written = []
     for x_key, label, name in [("cumulative_gb", "cumulative communication (GB, measured)", "accuracy_vs_gb.png"),
                                ("cumulative_flops", "cumulative training FLOPs", "accuracy_vs_flops.png")]:
         fig, ax = _figure()
-        for (algorithm, column), runs in sorted_groups(groups):
-            points = seed_mean_curve(runs, x_key)
-            if points:
-                ax.plot(*zip(*points), label=f"{METHODS.get(algorithm, algorithm)} ({column}, {len(runs)} seeds)")
+        curves = [(key, runs, seed_mean_curve(runs, x_key)) for key, runs in sorted_groups(groups)]
+        for index, ((algorithm, column), runs, points) in enumerate(c for c in curves if c[2]):
+            ax.plot(*zip(*points), **_style(index),
+                    label=f"{METHODS.get(algorithm, algorithm)} ({column}, {len(runs)} seed{'s' * (len(runs) != 1)})")
         ax.set_xlabel(label)
         ax.set_ylabel(f"local test accuracy (%), seed mean,\nmoving average of {TAIL} evaluations")
         written.append(_save(fig, ax, out / name))
@@ -110,8 +116,8 @@ def turnover_plot(series: dict[str, dict[int, float]], out: Path) -> Path:
     """``turnover.png``: weights regrown in the global mask per round, one line per label, on a symmetric log
     scale (a frozen mask is a line at 0)."""
     fig, ax = _figure()
-    for label, per_round in series.items():
-        ax.plot(list(per_round), list(per_round.values()), label=label)
+    for index, (label, per_round) in enumerate(series.items()):
+        ax.plot(list(per_round), list(per_round.values()), **_style(index), label=label)
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("round")
     ax.set_ylabel("weights regrown in the global mask\n(seed mean)")
