@@ -127,6 +127,17 @@ def test_a_variant_beside_its_base_run_keeps_its_own_row_and_budgets_make_a_plot
     assert budget_plot({key: runs for key, runs in groups.items() if key[1] != "8gb"}, tmp_path / "none") is None
 
 
+def test_a_study_variant_without_its_base_run_is_named_by_its_group():
+    """Appendix B on LeNetBN (variant bn) where the plain-LeNet FedDST never finished: its row must not carry
+    the bare preset's name, which would read as the plain model."""
+    variant = record("feddst", 0, [0.2, 0.3], 1.0, 1e9, presets="appendix_b_s98_lenet")
+    variant.info.update(group="appendix_b_s98_lenet_bn", variant="bn")
+    base = record("pffdst", 0, [0.2, 0.3], 1.0, 1e9, presets="appendix_b_s98_lenet")
+    base.info.update(group="appendix_b_s98_lenet", variant="base")
+    assert set(collect([variant, base])) == {("feddst", "appendix_b_s98_lenet · appendix_b_s98_lenet_bn"),
+                                             ("pffdst", "appendix_b_s98_lenet")}
+
+
 def test_report_from_the_export_equals_the_report_from_mlflow(tmp_path, monkeypatch, capsys):
     """Real 2-round runs on the embedded data, exported, then reported from the files alone."""
     monkeypatch.chdir(tmp_path)

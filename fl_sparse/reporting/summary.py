@@ -84,7 +84,9 @@ def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
         planned = record.info["params"].get("Experiment.rounds", "")
         summary.update(run_id=record.info["run_id"], seed=str(record.info["seed"]),
                        planned=int(planned) if planned.isdigit() else None)
-        if len(experiments[key]) > 1:  # a variant and its base run: one row each, named by the experiment
+        # A variant and its base run: one row each, named by the experiment. A study variant (another model, a
+        # changed binding) is named so even when its base run is absent, so that it never reads as the base.
+        if len(experiments[key]) > 1 or record.info.get("variant") not in (None, "base"):
             key = (key[0], f"{key[1]} · {_source(record)}")
         groups[key].append(summary)
     if not groups:
