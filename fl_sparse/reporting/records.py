@@ -9,7 +9,8 @@
   logs its replayed rounds again; the value logged last counts, as in the report.
 * ``<name>.gin``: the operative gin config the run finished with (every binding resolved).
 * ``<name>.json``: identity and provenance: run id, experiment, algorithm, presets, seed, status, start and
-  end time, the code commit when the run recorded one, and every logged parameter.
+  end time, the code commit when the run recorded one, and every logged parameter. A study trial's export
+  also names its ``group`` (its export folder) and ``variant`` (:data:`BASE_VARIANT` for no extra bindings).
 
 The data directory a run read is a path of the machine it ran on, so the files write it as ``<data-dir>``
 (:data:`DATA_DIR_PLACEHOLDER`): exports are committed, and a path of one machine means nothing on another.
@@ -35,6 +36,7 @@ FORMAT_VERSION = 1
 CONFIG_ARTIFACTS = ("operative_config.gin", "config.gin")  # the resolved config first
 COMMIT_TAGS = ("commit", "mlflow.source.git.commit")
 DATA_DIR_PLACEHOLDER = "<data-dir>"
+BASE_VARIANT = "base"  # the variant of a study trial run with its preset and algorithm only
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 from fl_sparse.core.errors import ConfigError
 from fl_sparse.reporting.paper import PAPER_TABLE1
-from fl_sparse.reporting.records import RunRecord
+from fl_sparse.reporting.records import BASE_VARIANT, RunRecord
 
 # Rows in the paper's order, with the names the paper uses.
 METHODS = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedprox": "FedProx", "random_mask": "RandomMask",
@@ -86,7 +86,7 @@ def collect(records: list[RunRecord]) -> dict[tuple[str, str], list[dict]]:
                        planned=int(planned) if planned.isdigit() else None)
         # A variant and its base run: one row each, named by the experiment. A study variant (another model, a
         # changed binding) is named so even when its base run is absent, so that it never reads as the base.
-        if len(experiments[key]) > 1 or record.info.get("variant") not in (None, "base"):
+        if len(experiments[key]) > 1 or record.info.get("variant") not in (None, BASE_VARIANT):
             key = (key[0], f"{key[1]} · {_source(record)}")
         groups[key].append(summary)
     if not groups:

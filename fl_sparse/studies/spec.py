@@ -44,8 +44,8 @@ from pathlib import Path
 from fl_sparse.config import gin_files
 from fl_sparse.config.compose import compose
 from fl_sparse.core.errors import ConfigError, first_line
+from fl_sparse.reporting.records import BASE_VARIANT as BASE
 
-BASE = "base"
 KEYS = {
     "study": {"name", "threads", "gpus", "checkpoint_every", "max_failures"},
     "variant": {"bind", "algorithms"},
